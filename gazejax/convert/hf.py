@@ -1,0 +1,122 @@
+"""``load_hf`` / ``save_hf``: local Hugging Face checkpoint folders <-> (module, params)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from gazejax.convert import qwen
+from gazejax.convert.family import Family
+from gazejax.convert.mapping import ConversionError, TensorSource, export_tensors, load_params
+
+FAMILIES: tuple[Family, ...] = (qwen.FAMILY,)
+
+
+def family_for_model_type(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise ConversionError(f"unsupported model_type {model_type!r}; supported: {supported}")
+
+
+def family_for_model(model: nn.Module) -> Family:
+    for family in FAMILIES:
+        if isinstance(model, family.module_type):
+            return family
+    raise ConversionError(f"no checkpoint family for module type {type(model).__name__}")
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    config_path = os.path.join(os.fspath(path), "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist")
+    with open(config_path) as f:
+        config = json.load(f)
+    if "model_type" not in config:
+        raise ConversionError(f"{config_path} has no 'model_type'")
+    return config
+
+
+def abstract_params(model: nn.Module, family: Family) -> dict:
+    """Shapes of ``model``'s parameters, without allocating them."""
+    inputs = family.example_inputs(model)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+    return nn.unbox(variables["params"])
+
+
+def load_hf(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Loads a local Hugging Face checkpoint folder as ``(module, params)``.
+
+    ``params`` are float32 numpy arrays in a nested dict; use them as
+    ``module.apply({"params": params}, ...)``. Tensors are read lazily one by one.
+
+    Raises:
+      ConversionError: unsupported ``model_type``, or a missing / misshapen / unexpected tensor
+        (the message names it).
+    """
+    hf_config = read_hf_config(path)
+    family = family_for_model_type(hf_config["model_type"])
+    model = family.build(hf_config)
+    params = load_params(
+        family.rules(model, hf_config),
+        TensorSource(path),
+        abstract_params(model, family),
+        ignore=family.ignore(hf_config),
+    )
+    return model, params
+
+
+def save_hf(
+    model: nn.Module,
+    params: dict,
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Writes ``config.json`` and safetensors that ``transformers`` loads.
+
+    Args:
+      model, params: a gazejax module and its ``params`` tree.
+      path: output folder (created).
+      dtype: tensor dtype on disk, ``"float32"`` or ``"bfloat16"``.
+      max_shard_bytes: if set, split the tensors into several files of at most this size and
+        write ``model.safetensors.index.json``.
+    """
+    family = family_for_model(model)
+    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
+    hf_config = family.hf_config(model)
+    hf_config["dtype"] = dtype
+    tensors = export_tensors(family.rules(model, hf_config), params, np_dtype)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    metadata = {"format": "pt"}
+    if max_shard_bytes is None:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata=metadata)
+        return
+    shards: list[dict] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": weight_map,
+    }
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)

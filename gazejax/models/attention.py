@@ -1,0 +1,69 @@
+"""Dense grouped-query attention and rotary position embedding, shared by the models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    scale: float | None = None,
+) -> jax.Array:
+    """Masked softmax attention with grouped-query heads; scores and softmax in float32.
+
+    Args:
+      query: ``[batch, q_len, num_heads, head_dim]``.
+      key, value: ``[batch, kv_len, num_kv_heads, head_dim]``; ``num_heads`` must be a multiple of
+        ``num_kv_heads`` (query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``).
+      mask: bool, broadcastable to ``[batch, q_len, kv_len]``; True where a query may attend.
+      scale: score multiplier, default ``head_dim ** -0.5``.
+
+    Returns:
+      ``[batch, q_len, num_heads, head_dim]`` in ``query.dtype``. A query row whose mask is all
+      False returns zeros (not NaN).
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    group = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32) * scale
+    mask = jnp.broadcast_to(mask, (batch, q_len, key.shape[1]))[:, None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotate-half RoPE tables, computed in float32.
+
+    Args:
+      positions: int ``[batch, seq]`` position ids.
+    Returns:
+      ``(cos, sin)``, each float32 ``[batch, seq, head_dim]``.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x [batch, seq, heads, head_dim]`` by tables ``[batch, seq, head_dim]``.
+
+    The tables are cast to ``x.dtype`` first, as Hugging Face does.
+    """
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
