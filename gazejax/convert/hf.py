@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -10,11 +11,11 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from gazejax.convert import qwen
+from gazejax.convert import qwen, siglip
 from gazejax.convert.family import Family
 from gazejax.convert.mapping import ConversionError, TensorSource, export_tensors, load_params
 
-FAMILIES: tuple[Family, ...] = (qwen.FAMILY,)
+FAMILIES: tuple[Family, ...] = (qwen.FAMILY, siglip.FAMILY)
 
 
 def family_for_model_type(model_type: str) -> Family:
@@ -46,15 +47,17 @@ def read_hf_config(path: str | os.PathLike) -> dict:
 def abstract_params(model: nn.Module, family: Family) -> dict:
     """Shapes of ``model``'s parameters, without allocating them."""
     inputs = family.example_inputs(model)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+    variables = jax.eval_shape(model.init, jax.random.key(0), *inputs)
     return nn.unbox(variables["params"])
 
 
-def load_hf(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_hf(path: str | os.PathLike, **overrides) -> tuple[nn.Module, dict]:
     """Loads a local Hugging Face checkpoint folder as ``(module, params)``.
 
     ``params`` are float32 numpy arrays in a nested dict; use them as
     ``module.apply({"params": params}, ...)``. Tensors are read lazily one by one.
+    ``overrides`` replace fields of the module's config that do not change the checkpoint's
+    meaning, e.g. ``dtype=jnp.bfloat16``, ``remat=True`` or, for the ViT, ``scan=True``.
 
     Raises:
       ConversionError: unsupported ``model_type``, or a missing / misshapen / unexpected tensor
@@ -63,6 +66,8 @@ def load_hf(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     hf_config = read_hf_config(path)
     family = family_for_model_type(hf_config["model_type"])
     model = family.build(hf_config)
+    if overrides:
+        model = model.clone(config=dataclasses.replace(model.config, **overrides))
     params = load_params(
         family.rules(model, hf_config),
         TensorSource(path),

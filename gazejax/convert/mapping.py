@@ -82,7 +82,7 @@ class TensorSource:
             self._file_of = {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
         elif os.path.exists(single_path):
             with safe_open(single_path, framework="numpy") as f:
-                self._file_of = {k: single_path for k in f}
+                self._file_of = dict.fromkeys(f.keys(), single_path)  # noqa: SIM118
         else:
             raise FileNotFoundError(
                 f"no model.safetensors or model.safetensors.index.json in {self.folder}"

@@ -17,21 +17,28 @@ import jax
 import jax.numpy as jnp
 
 from gazejax.convert.family import Family
-from gazejax.convert.mapping import ConversionError, Rule, Transform, identity, rule
+from gazejax.convert.mapping import ConversionError, Rule, rule
 from gazejax.models.vit import VisionTransformer, ViTConfig
 
 # Defaults of transformers' SiglipVisionConfig: config.json files leave them out.
 _HF_DEFAULTS = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6, vision_use_head=True,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=16,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    vision_use_head=True,
 )
 
 
 def _vision_config(hf: dict) -> dict:
     """The vision tower's config with defaults filled in."""
     if hf["model_type"] == "siglip":
-        return {**_HF_DEFAULTS, **hf.get("vision_config", {})}
+        return {**_HF_DEFAULTS, **(hf.get("vision_config") or {})}
     return {**_HF_DEFAULTS, **hf}
 
 
@@ -48,8 +55,9 @@ def vit_config_from_hf(hf: dict) -> ViTConfig:
     """The ``ViTConfig`` of a SigLIP ``config.json`` dict (two-tower or vision-only)."""
     v = _vision_config(hf)
     if v["hidden_act"] != "gelu_pytorch_tanh":
-        raise ConversionError(f"siglip: hidden_act {v['hidden_act']!r} is not supported "
-                              "(only 'gelu_pytorch_tanh')")
+        raise ConversionError(
+            f"siglip: hidden_act {v['hidden_act']!r} is not supported (only 'gelu_pytorch_tanh')"
+        )
     if v["num_channels"] != 3:
         raise ConversionError(f"siglip: num_channels {v['num_channels']} is not supported (only 3)")
     return ViTConfig(
@@ -94,8 +102,12 @@ def layer_rules(
     """
     if config.scan:
         return [
-            Rule(("layers", *r.path), tuple(key_prefix(i) + r.keys[0] for i in range(config.depth)),
-                 r.to_flax, r.to_ckpt)
+            Rule(
+                ("layers", *r.path),
+                tuple(key_prefix(i) + r.keys[0] for i in range(config.depth)),
+                r.to_flax,
+                r.to_ckpt,
+            )
             for r in block
         ]
     return [
@@ -105,14 +117,24 @@ def layer_rules(
     ]
 
 
-def _linear(path: str, key: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[Rule]:
+def _linear(
+    path: str, key: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> list[Rule]:
     """torch ``Linear`` ``[out, in]`` (+ bias) <-> kernel ``[*in_shape, *out_shape]`` (+ bias)."""
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     return [
-        rule(f"{path}/kernel", f"{key}.weight",
-             lambda w: w.T.reshape(*in_shape, *out_shape), lambda k: k.reshape(n_in, n_out).T),
-        rule(f"{path}/bias", f"{key}.bias",
-             lambda b: b.reshape(out_shape), lambda b: b.reshape(n_out)),
+        rule(
+            f"{path}/kernel",
+            f"{key}.weight",
+            lambda w: w.T.reshape(*in_shape, *out_shape),
+            lambda k: k.reshape(n_in, n_out).T,
+        ),
+        rule(
+            f"{path}/bias",
+            f"{key}.bias",
+            lambda b: b.reshape(out_shape),
+            lambda b: b.reshape(n_out),
+        ),
     ]
 
 
@@ -121,22 +143,32 @@ def _layer_norm(path: str, key: str) -> list[Rule]:
 
 
 def _mlp(path: str, key: str, cfg: ViTConfig) -> list[Rule]:
-    return [*_linear(f"{path}/fc1", f"{key}.fc1", (cfg.width,), (cfg.mlp_dim,)),
-            *_linear(f"{path}/fc2", f"{key}.fc2", (cfg.mlp_dim,), (cfg.width,))]
+    return [
+        *_linear(f"{path}/fc1", f"{key}.fc1", (cfg.width,), (cfg.mlp_dim,)),
+        *_linear(f"{path}/fc2", f"{key}.fc2", (cfg.mlp_dim,), (cfg.width,)),
+    ]
 
 
 def _map_head(cfg: ViTConfig) -> list[Rule]:
     """``head.*``: torch ``MultiheadAttention`` packs q, k, v in ``in_proj_weight [3 * width,
     width]``; ours is ``in_proj_kernel [3, width, heads, head_dim]``."""
-    qkv = (3, cfg.num_heads, cfg.head_dim)
-    in_to_flax: Transform = lambda w: w.reshape(*qkv, cfg.width).transpose(0, 3, 1, 2)  # noqa: E731
-    in_to_ckpt: Transform = lambda k: k.transpose(0, 2, 3, 1).reshape(3 * cfg.width, cfg.width)  # noqa: E731
+    heads = (cfg.num_heads, cfg.head_dim)
+    qkv = (3, *heads)
     return [
         rule("head/probe", "head.probe"),
-        rule("head/in_proj_kernel", "head.attention.in_proj_weight", in_to_flax, in_to_ckpt),
-        rule("head/in_proj_bias", "head.attention.in_proj_bias",
-             lambda b: b.reshape(qkv), lambda b: b.reshape(-1)),
-        *_linear("head/out", "head.attention.out_proj", (cfg.num_heads, cfg.head_dim), (cfg.width,)),
+        rule(
+            "head/in_proj_kernel",
+            "head.attention.in_proj_weight",
+            lambda w: w.reshape(*qkv, cfg.width).transpose(0, 3, 1, 2),
+            lambda k: k.transpose(0, 2, 3, 1).reshape(3 * cfg.width, cfg.width),
+        ),
+        rule(
+            "head/in_proj_bias",
+            "head.attention.in_proj_bias",
+            lambda b: b.reshape(qkv),
+            lambda b: b.reshape(-1),
+        ),
+        *_linear("head/out", "head.attention.out_proj", heads, (cfg.width,)),
         *_layer_norm("head/norm", "head.layernorm"),
         *_mlp("head/mlp", "head.mlp", cfg),
     ]
@@ -150,7 +182,7 @@ def _key_prefix(hf: dict) -> str:
 
 
 def rules(model: VisionTransformer, hf: dict) -> list[Rule]:
-    """The parameter table of ``model`` for the checkpoint described by ``hf``."""
+    """The parameter table of ``model``; ``hf`` (the checkpoint's config) fixes the key prefix."""
     cfg = model.config
     heads = (cfg.num_heads, cfg.head_dim)
     block = [
@@ -163,8 +195,12 @@ def rules(model: VisionTransformer, hf: dict) -> list[Rule]:
         *_mlp("mlp", "mlp", cfg),
     ]
     table = [
-        rule("embedding/kernel", "embeddings.patch_embedding.weight",
-             lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),  # OIHW <-> HWIO
+        rule(
+            "embedding/kernel",
+            "embeddings.patch_embedding.weight",
+            lambda w: w.transpose(2, 3, 1, 0),
+            lambda k: k.transpose(3, 2, 0, 1),
+        ),  # OIHW <-> HWIO
         rule("embedding/bias", "embeddings.patch_embedding.bias"),
         rule("pos_embedding", "embeddings.position_embedding.weight"),
         *_layer_norm("norm", "post_layernorm"),
@@ -197,5 +233,3 @@ FAMILY = Family(
     example_inputs=example_inputs,
     hf_config=hf_config,
 )
-
-assert identity  # re-exported for big_vision's identity rules

@@ -1,0 +1,90 @@
+"""Command-line checkpoint conversion.
+
+    python -m gazejax.convert hf-to-gazejax --input HF_DIR --output GAZEJAX_DIR
+    python -m gazejax.convert gazejax-to-hf --input GAZEJAX_DIR --output HF_DIR [--dtype bfloat16]
+    python -m gazejax.convert npz-to-gazejax --input vit.npz --variant So400m/16 --image-size 384 \
+        --output GAZEJAX_DIR
+
+Hugging Face folders are local (``config.json`` + ``model.safetensors`` or a sharded index);
+nothing is downloaded. A gazejax folder is ``model.json`` + an orbax ``params`` tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gazejax.convert.hf import load_hf, save_hf
+from gazejax.convert.native import load_gazejax, save_gazejax
+
+
+def _hf_to_gazejax(args: argparse.Namespace) -> None:
+    save_gazejax(*load_hf(args.input), args.output)
+
+
+def _gazejax_to_hf(args: argparse.Namespace) -> None:
+    model, params = load_gazejax(args.input)
+    save_hf(model, params, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
+
+
+def _npz_to_gazejax(args: argparse.Namespace) -> None:
+    from gazejax.convert.big_vision import load_big_vision_npz
+    from gazejax.models.vit import VisionTransformer, vit_config
+
+    config = vit_config(args.variant, image_size=args.image_size, pool=args.pool)
+    params = load_big_vision_npz(args.input, config)
+    save_gazejax(VisionTransformer(config), params, args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gazejax.convert",
+        description="Convert checkpoints between Hugging Face, big_vision .npz and gazejax.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    hf_in = commands.add_parser(
+        "hf-to-gazejax",
+        help="local HF folder (qwen3, qwen2, siglip, siglip_vision_model) -> gazejax folder",
+    )
+    hf_in.set_defaults(run=_hf_to_gazejax)
+
+    hf_out = commands.add_parser("gazejax-to-hf", help="gazejax folder -> HF folder")
+    hf_out.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    hf_out.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=None,
+        help="split into several safetensors files with an index",
+    )
+    hf_out.set_defaults(run=_gazejax_to_hf)
+
+    npz_in = commands.add_parser(
+        "npz-to-gazejax", help="big_vision ViT .npz (plain or SigLIP two-tower) -> gazejax folder"
+    )
+    npz_in.add_argument("--variant", required=True, help="ViT variant, e.g. So400m/16, B/16")
+    npz_in.add_argument("--image-size", type=int, required=True)
+    npz_in.add_argument(
+        "--pool",
+        default="none",
+        choices=["none", "map"],
+        help="map for SigLIP files, which carry the attention-pooling head (MAPHead_0)",
+    )
+    npz_in.set_defaults(run=_npz_to_gazejax)
+
+    for command in (hf_in, hf_out, npz_in):
+        command.add_argument("--input", required=True)
+        command.add_argument("--output", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

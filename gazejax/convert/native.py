@@ -1,0 +1,41 @@
+"""gazejax checkpoints of converted models: ``model.json`` + an orbax ``params`` tree.
+
+``model.json`` holds the family name and the model's Hugging Face style config dict, so the same
+builder that reads HF folders rebuilds the module; parameters are written by orbax, atomically
+(temporary directory, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from gazejax.convert.hf import abstract_params, family_for_model, family_for_model_type
+
+
+def save_gazejax(model: nn.Module, params: dict, path: str | os.PathLike) -> None:
+    """Writes ``path/model.json`` and ``path/params`` (orbax)."""
+    path = os.path.abspath(os.fspath(path))
+    family = family_for_model(model)
+    os.makedirs(path, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, "params"), jax.tree.map(jax.numpy.asarray, params))
+    checkpointer.wait_until_finished()
+    with open(os.path.join(path, "model.json"), "w") as f:
+        json.dump({"family": family.name, "config": family.hf_config(model)}, f, indent=2)
+
+
+def load_gazejax(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Reads a folder written by :func:`save_gazejax`; returns ``(module, params)``."""
+    path = os.path.abspath(os.fspath(path))
+    with open(os.path.join(path, "model.json")) as f:
+        meta = json.load(f)
+    family = family_for_model_type(meta["config"]["model_type"])
+    model = family.build(meta["config"])
+    abstract = abstract_params(model, family)
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
+    return model, params
