@@ -78,7 +78,9 @@ def test_prefill_and_decode_equal_full_forward():
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-6)
     assert (
-        int(cache.end) == 12 and bool(cache.valid[:, :12].all()) and not cache.valid[:, 12:].any()
+        int(cache.end) == 12
+        and bool(cache.meta.valid[:, :12].all())
+        and not cache.meta.valid[:, 12:].any()
     )
 
 

@@ -15,8 +15,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
+from gazejax.gaze.routing import ROUTINGS, region_descriptors, validate_top_k
 from gazejax.models.attention import apply_rope, dense_attention, rope_cos_sin
 from gazejax.models.layers import Projection
+from kernels.gaze_attention import IMPLEMENTATIONS, gaze_attention
+from kernels.gaze_attention.reference import visibility
 
 Dtype = Any
 
@@ -47,8 +51,23 @@ class DecoderConfig:
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "dense"
+    gaze_top_k: int = 1
+    gaze_routing: str = "per_head"
+    gaze_implementation: str = "xla"
+    gaze_descriptor_keys: str = "post_rope"
 
     def __post_init__(self):
+        choices = {
+            "attention": ("dense", "gaze"),
+            "gaze_routing": ROUTINGS,
+            "gaze_implementation": IMPLEMENTATIONS,
+            "gaze_descriptor_keys": ("post_rope", "pre_rope"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        validate_top_k(self.gaze_top_k)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -59,41 +78,90 @@ class DecoderConfig:
 
 
 @flax.struct.dataclass
+class LayerCache:
+    """One layer's cache: keys and values ``[batch, max_len, num_kv_heads, head_dim]`` (keys
+    after the k-norm and RoPE, as attention reads them) and, for gaze attention, the region
+    descriptors ``[batch, num_regions, num_kv_heads, head_dim]`` (else None)."""
+
+    keys: jax.Array
+    values: jax.Array
+    descriptors: jax.Array | None
+
+
+@flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for a fixed number of cache slots.
+    """The decoder's cache for a fixed number of slots.
 
     Attributes:
-      keys, values: one array per layer, each ``[batch, max_len, num_kv_heads, head_dim]``;
-        keys are stored as the attention reads them (after the k-norm and RoPE). Per-layer arrays
-        let each layer update its slots in place (with buffer donation).
-      valid: bool ``[batch, max_len]``, True for slots holding a real (non-padding) token.
+      layers: one :class:`LayerCache` per layer (separate arrays, so that each layer updates
+        its slots in place when the cache is donated).
+      meta: :class:`TokenMeta` ``[batch, max_len]`` of the slots; empty slots are padding.
+      regions: :class:`RegionTable` of the visual tokens (gaze attention), else None.
       end: int32 scalar, the number of slots written so far (the same for every sample; samples
-        of different lengths are left-padded and masked through ``valid``).
+        of different lengths are left-padded and masked through ``meta``).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    valid: jax.Array
+    layers: tuple[LayerCache, ...]
+    meta: TokenMeta
+    regions: RegionTable | None
     end: jax.Array
 
     @classmethod
-    def empty(cls, config: DecoderConfig, batch: int, max_len: int, dtype: Dtype | None = None):
+    def empty(
+        cls,
+        config: DecoderConfig,
+        batch: int,
+        max_len: int,
+        regions: RegionTable | None = None,
+        dtype: Dtype | None = None,
+    ) -> KVCache:
+        """An empty cache; gaze attention needs the ``regions`` of the sequence to come."""
+        if config.attention == "gaze" and regions is None:
+            raise ValueError("a gaze attention cache needs the region table")
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.dtype
+        descriptor_shape = (
+            None
+            if regions is None
+            else (batch, regions.num_regions, config.num_kv_heads, config.head_dim)
+        )
 
-        def zeros():  # distinct buffers, so that the cache can be donated
-            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        def layer():  # distinct buffers, so that the cache can be donated
+            descriptors = None
+            if config.attention == "gaze":
+                descriptors = jnp.zeros(descriptor_shape, jnp.float32)
+            return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), descriptors)
+
+        def empty_slots():
+            return jnp.full((batch, max_len), -1, jnp.int32)
 
         return cls(
-            keys=zeros(),
-            values=zeros(),
-            valid=jnp.zeros((batch, max_len), bool),
+            layers=tuple(layer() for _ in range(config.num_layers)),
+            meta=TokenMeta(*(empty_slots() for _ in range(4))),
+            regions=regions,
             end=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[1]
+        return self.layers[0].keys.shape[1]
+
+    def write_meta(self, meta: TokenMeta, start: jax.Array) -> TokenMeta:
+        """The slots' metadata after writing ``meta [batch, seq]`` at slot ``start``."""
+        return jax.tree.map(
+            lambda old, new: jax.lax.dynamic_update_slice(old, new, (0, start)), self.meta, meta
+        )
+
+    def update(self, layers, meta: TokenMeta, regions, end) -> KVCache:
+        layers = tuple(
+            LayerCache(
+                nn.with_logical_constraint(c.keys, CACHE_AXES),
+                nn.with_logical_constraint(c.values, CACHE_AXES),
+                c.descriptors,
+            )
+            for c in layers
+        )
+        return KVCache(layers=layers, meta=meta, regions=regions, end=end)
 
 
 CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
@@ -135,65 +203,87 @@ def _dense(features, axes, use_bias, config, name, num_in_axes=1):
     )
 
 
+@flax.struct.dataclass
+class AttentionInputs:
+    """What every layer's attention reads besides its own activations (one forward pass).
+
+    Attributes:
+      cos, sin: RoPE tables ``[batch, seq, head_dim]`` of the new tokens' positions.
+      mask: dense attention only: bool ``[batch, seq, kv_len]``.
+      query_meta: gaze only: :class:`TokenMeta` ``[batch, seq]`` of the new tokens.
+      kv_meta: gaze only: :class:`TokenMeta` ``[batch, kv_len]`` of what is attended to.
+      regions: gaze only: :class:`RegionTable` of the keys.
+      cache_start: slot where the new keys and values are written in the cache.
+      top_k: gaze only: regions per text query (static).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array | None
+    query_meta: TokenMeta | None
+    kv_meta: TokenMeta | None
+    regions: RegionTable | None
+    cache_start: jax.Array
+    top_k: int = flax.struct.field(pytree_node=False, default=1)
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with optional q/k norm (Qwen3) or qkv bias (Qwen2)."""
+    """Grouped-query self-attention with optional q/k norm (Qwen3) or qkv bias (Qwen2).
+
+    ``config.attention`` picks dense attention or gaze attention (``kernels.gaze_attention``).
+    """
 
     config: DecoderConfig
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
-        mask: jax.Array,
-        cache_kv: tuple[jax.Array, jax.Array] | None,
-        cache_start: jax.Array | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        self, x: jax.Array, inputs: AttentionInputs, layer_cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache]:
         """Attends ``x [batch, seq, embed]`` to itself, or to the cache when one is given.
 
-        Args:
-          cos, sin: RoPE tables ``[batch, seq, head_dim]`` for ``x``'s positions.
-          mask: bool ``[batch, seq, kv_len]``; ``kv_len`` is ``seq`` or the cache length.
-          cache_kv: this layer's cached ``(keys, values)`` ``[batch, max_len, kv_heads, head_dim]``.
-          cache_start: slot where ``x``'s keys and values are written.
-        Returns:
-          The output ``[batch, seq, embed]`` and the (updated) ``(keys, values)`` attended to.
+        Returns the output ``[batch, seq, embed]`` and the layer's keys, values and region
+        descriptors as attended to (the updated cache entries when a cache is given).
         """
         cfg = self.config
-        q = _dense(
-            (cfg.num_heads, cfg.head_dim),
-            ("embed", "heads", "head_dim"),
-            cfg.qkv_bias,
-            cfg,
-            "q_proj",
-        )(x)
-        k = _dense(
-            (cfg.num_kv_heads, cfg.head_dim),
-            ("embed", "kv_heads", "head_dim"),
-            cfg.qkv_bias,
-            cfg,
-            "k_proj",
-        )(x)
-        v = _dense(
-            (cfg.num_kv_heads, cfg.head_dim),
-            ("embed", "kv_heads", "head_dim"),
-            cfg.qkv_bias,
-            cfg,
-            "v_proj",
-        )(x)
+        heads = ("embed", "heads", "head_dim")
+        kv_heads = ("embed", "kv_heads", "head_dim")
+        q = _dense((cfg.num_heads, cfg.head_dim), heads, cfg.qkv_bias, cfg, "q_proj")(x)
+        k = _dense((cfg.num_kv_heads, cfg.head_dim), kv_heads, cfg.qkv_bias, cfg, "k_proj")(x)
+        v = _dense((cfg.num_kv_heads, cfg.head_dim), kv_heads, cfg.qkv_bias, cfg, "v_proj")(x)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "head_dim", name="k_norm")(k)
-        q = nn.with_logical_constraint(
-            apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim")
-        )
-        k = apply_rope(k, cos, sin)
-        if cache_kv is not None:
-            index = (0, cache_start, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), index)
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), index)
-        out = dense_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        pre_rope_k = k
+        q = apply_rope(q, inputs.cos, inputs.sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = apply_rope(k, inputs.cos, inputs.sin)
+        descriptors = self._descriptors(k, pre_rope_k, inputs, layer_cache)
+        if layer_cache is not None:
+            index = (0, inputs.cache_start, 0, 0)
+            k = jax.lax.dynamic_update_slice(
+                layer_cache.keys, k.astype(layer_cache.keys.dtype), index
+            )
+            v = jax.lax.dynamic_update_slice(
+                layer_cache.values, v.astype(layer_cache.values.dtype), index
+            )
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if cfg.attention == "dense":
+            out = dense_attention(q, k, v, inputs.mask)
+        else:
+            out, selection = gaze_attention(
+                q,
+                k,
+                v,
+                inputs.query_meta,
+                inputs.kv_meta,
+                inputs.regions,
+                top_k=inputs.top_k,
+                descriptors=descriptors,
+                routing=cfg.gaze_routing,
+                implementation=cfg.gaze_implementation,
+                return_selection=True,
+            )
+            self.sow("intermediates", "selection", selection)
         out = _dense(
             cfg.hidden_size,
             ("heads", "head_dim", "embed"),
@@ -202,7 +292,20 @@ class Attention(nn.Module):
             "o_proj",
             num_in_axes=2,
         )(out)
-        return out, (k, v)
+        return out, LayerCache(k, v, descriptors)
+
+    def _descriptors(self, k, pre_rope_k, inputs, layer_cache):
+        """Region descriptors ``[batch, num_regions, kv_heads, head_dim]`` (gaze only).
+
+        Computed from the new tokens' keys when they carry the visual tokens (training, prefill)
+        and kept in the cache; a one-token decode step appends text only and reuses them.
+        """
+        if self.config.attention == "dense":
+            return None
+        if layer_cache is not None and k.shape[1] == 1:
+            return layer_cache.descriptors
+        keys = pre_rope_k if self.config.gaze_descriptor_keys == "pre_rope" else k
+        return region_descriptors(keys, inputs.query_meta, inputs.regions.num_regions)
 
 
 class MLP(nn.Module):
@@ -225,18 +328,20 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, cache_start):
+    def __call__(
+        self, x: jax.Array, inputs: AttentionInputs, layer_cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache]:
         cfg = self.config
+
         def norm(name):
-            return RMSNorm(
-                    cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "embed", name=name
-                )  # noqa: E731
-        attn_out, kv = Attention(cfg, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask, cache_kv, cache_start
+            return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "embed", name=name)
+
+        attn_out, layer_cache = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(x), inputs, layer_cache
         )
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
 
 
 class Decoder(nn.Module):
@@ -253,7 +358,7 @@ class Decoder(nn.Module):
             param_dtype=cfg.param_dtype,
             embedding_init=_param(nn.initializers.normal(0.02), "vocab", "embed"),
         )
-        layer_cls = nn.remat(DecoderLayer, static_argnums=()) if cfg.remat else DecoderLayer
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "embed")
         if not cfg.tie_embeddings:
@@ -270,65 +375,93 @@ class Decoder(nn.Module):
         *,
         input_mask: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
+        token_meta: TokenMeta | None = None,
+        regions: RegionTable | None = None,
+        top_k: int | None = None,
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for a sequence, optionally continuing a KV cache.
 
+        Plain language modelling needs only ``input_ids``. A multimodal sequence passes
+        ``inputs_embeds`` and its ``token_meta`` (kinds, units, regions, positions; DESIGN.md
+        §2), which then defines the masks; gaze attention also needs ``regions``.
+
         Args:
           input_ids: int ``[batch, seq]`` (or None when ``inputs_embeds`` is given).
-          positions: int ``[batch, seq]`` position ids; default ``0..seq-1`` (after the cache's
-            ``end`` when a cache is given).
-          input_mask: bool ``[batch, seq]``, False for padding tokens; default all True.
+          positions: int ``[batch, seq]`` position ids; default ``token_meta.position``, else
+            ``0..seq-1`` after the cache's ``end``.
+          input_mask: bool ``[batch, seq]``, False for padding; default ``token_meta``'s
+            validity, else all True.
           inputs_embeds: float ``[batch, seq, embed]`` used instead of embedding ``input_ids``.
-          attention_mask: bool ``[batch, seq, kv_len]`` replacing the default causal-and-valid
-            mask (``kv_len`` = ``seq``, or the cache length with a cache).
-          cache: a :class:`KVCache`; the new tokens are written at slots
-            ``[cache.end, cache.end + seq)``.
+          token_meta: :class:`TokenMeta` ``[batch, seq]`` of the tokens (stored in the cache).
+          regions: :class:`RegionTable` of the sequence (of the cache, when decoding).
+          top_k: regions per text query for gaze attention; default ``config.gaze_top_k``.
+          cache: a :class:`KVCache`; the tokens are written at slots
+            ``[cache.end, cache.end + seq)``. A one-token step is a decode step: it reuses the
+            cached region descriptors, so it must not add visual tokens.
 
         Returns:
           float32 logits ``[batch, seq, vocab]``; with a cache, ``(logits, updated_cache)``.
         """
-        x = (
-            self.embed(input_ids)
-            if inputs_embeds is None
-            else inputs_embeds.astype(self.config.dtype)
-        )
+        cfg = self.config
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
         batch, seq = x.shape[:2]
-        input_mask = jnp.ones((batch, seq), bool) if input_mask is None else input_mask.astype(bool)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.end
-        if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if cache is None:
-            key_valid = input_mask
-            kv_len = seq
-        else:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, start))
-            kv_len = cache.max_len
-        if attention_mask is None:
-            query_slot = start + jnp.arange(seq)
-            causal = jnp.arange(kv_len)[None, :] <= query_slot[:, None]
-            attention_mask = causal[None] & key_valid[:, None, :]
+        if token_meta is None:
+            if cfg.attention == "gaze":
+                raise ValueError("gaze attention needs token_meta and regions")
+            mask = jnp.ones((batch, seq), bool) if input_mask is None else input_mask.astype(bool)
+            default_positions = start + jnp.arange(seq, dtype=jnp.int32)
+            token_meta = text_meta(jnp.broadcast_to(default_positions, (batch, seq)), mask)
+        elif input_mask is not None:
+            raise ValueError("pass either token_meta or input_mask, not both")
+        if positions is not None:
+            token_meta = token_meta.replace(position=positions.astype(jnp.int32))
+        kv_meta = token_meta if cache is None else cache.write_meta(token_meta, start)
+        cos, sin = rope_cos_sin(jnp.maximum(token_meta.position, 0), cfg.head_dim, cfg.rope_theta)
+        inputs = AttentionInputs(
+            cos=cos,
+            sin=sin,
+            mask=dense_visibility(token_meta, kv_meta) if cfg.attention == "dense" else None,
+            query_meta=token_meta,
+            kv_meta=kv_meta,
+            regions=regions if cache is None or regions is not None else cache.regions,
+            cache_start=start,
+            top_k=cfg.gaze_top_k if top_k is None else top_k,
+        )
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-
-        new_keys, new_values = [], []
+        layer_caches = []
         for i, layer in enumerate(self.layers):
-            cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(x, cos, sin, attention_mask, cache_kv, start)
-            new_keys.append(k)
-            new_values.append(v)
+            x, layer_cache = layer(x, inputs, None if cache is None else cache.layers[i])
+            layer_caches.append(layer_cache)
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        logits = self.embed_tokens.attend(x) if cfg.tie_embeddings else self.lm_head(x)
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32), ("batch", "length", "vocab")
         )
         if cache is None:
             return logits
-        cache = KVCache(
-            keys=tuple(nn.with_logical_constraint(k, CACHE_AXES) for k in new_keys),
-            values=tuple(nn.with_logical_constraint(v, CACHE_AXES) for v in new_values),
-            valid=key_valid,
-            end=start + seq,
-        )
-        return logits, cache
+        return logits, cache.update(layer_caches, kv_meta, inputs.regions, start + seq)
+
+
+def text_meta(positions: jax.Array, valid: jax.Array) -> TokenMeta:
+    """:class:`TokenMeta` of a text-only sequence: positions ``[batch, seq]``, bool ``valid``."""
+    kind = jnp.where(valid, TokenKind.TEXT, TokenKind.PADDING).astype(jnp.int32)
+    none = jnp.full(positions.shape, -1, jnp.int32)
+    return TokenMeta(
+        kind=kind,
+        unit=none,
+        region=none,
+        position=jnp.where(valid, positions, -1).astype(jnp.int32),
+    )
+
+
+def dense_visibility(query_meta: TokenMeta, kv_meta: TokenMeta) -> jax.Array:
+    """Dense attention's mask ``[batch, q_len, kv_len]`` from token metadata (DESIGN.md §2).
+
+    Every query sees every earlier (by position) real token, except context tokens, which see
+    only their own unit. This is gaze attention with every earlier region selected.
+    """
+    causal = kv_meta.position[:, None, :] <= query_meta.position[:, :, None]
+    mask = visibility(query_meta, kv_meta, causal[:, :, None, :])
+    return mask[:, :, 0, :]

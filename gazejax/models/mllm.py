@@ -1,0 +1,167 @@
+"""The multimodal LLM: ViT -> projector -> decoder with dense or gaze attention.
+
+Each image or video frame is a visual unit: the ViT encodes it, the projector maps its patch
+features to LLM tokens on an ``h × w`` grid, and those tokens fill the unit's slots of the
+sequence (stored region-major, positions in raster order; see :mod:`gazejax.gaze.regions`).
+``num_context_tokens`` learnable context tokens follow each unit; their mask restricts them to
+their own unit (DESIGN.md §2). The decoder's attention is ``config.decoder.attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gazejax.gaze.regions import RegionTable, TokenMeta
+from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
+from gazejax.models.projector import Projector, ProjectorConfig
+from gazejax.models.vit import VisionTransformer, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalConfig:
+    """The three parts and how visual units enter the decoder.
+
+    Attributes:
+      vit, projector, decoder: the parts' configs (``projector.hidden_size`` must equal
+        ``decoder.hidden_size``, ``projector.vision_width`` the ViT width).
+      num_context_tokens: ``|C|`` learnable tokens after each unit (0: none).
+      region_size: ``(r_h, r_w)`` or ``(r_h, r_w, r_t)`` in projected tokens (and frames).
+    """
+
+    vit: ViTConfig
+    projector: ProjectorConfig
+    decoder: DecoderConfig
+    num_context_tokens: int = 4
+    region_size: tuple[int, ...] = (6, 6, 1)
+
+    def __post_init__(self):
+        if self.projector.vision_width != self.vit.width:
+            raise ValueError(
+                f"projector.vision_width ({self.projector.vision_width}) must equal vit.width "
+                f"({self.vit.width})"
+            )
+        if self.projector.hidden_size != self.decoder.hidden_size:
+            raise ValueError(
+                f"projector.hidden_size ({self.projector.hidden_size}) must equal "
+                f"decoder.hidden_size ({self.decoder.hidden_size})"
+            )
+        if self.num_context_tokens < 0:
+            raise ValueError(f"num_context_tokens must be >= 0, got {self.num_context_tokens}")
+        if len(self.region_size) not in (2, 3) or min(self.region_size) < 1:
+            raise ValueError(f"region_size must be 2 or 3 integers >= 1, got {self.region_size}")
+        h, w = self.unit_grid
+        if self.region_size[0] > h or self.region_size[1] > w:
+            raise ValueError(
+                f"region_size {self.region_size} does not fit the {h}x{w} token grid of a unit"
+            )
+
+    @property
+    def unit_grid(self) -> tuple[int, int]:
+        """``(h, w)``: a unit's token grid after the projector."""
+        return self.projector.output_grid((self.vit.grid, self.vit.grid))
+
+    @property
+    def tokens_per_unit(self) -> int:
+        h, w = self.unit_grid
+        return h * w
+
+
+@flax.struct.dataclass
+class MultimodalInputs:
+    """A packed batch with static shapes (see :func:`gazejax.data.packing.pack_batch`).
+
+    Attributes:
+      input_ids: int32 ``[batch, length]`` token ids in storage order (any id on visual,
+        context and padding slots).
+      units: float ``[batch, max_units, height, width, 3]`` pixels of every image / frame
+        (normalised as SigLIP expects); unused units are ignored.
+      visual_index: int32 ``[batch, length]``: for a visual slot, ``unit * tokens_per_unit +
+        raster index`` of its token within the sample's units; -1 elsewhere.
+      context_index: int32 ``[batch, length]``: which context token (0..|C|-1) a context slot
+        holds; -1 elsewhere.
+      meta: :class:`TokenMeta` ``[batch, length]``.
+      regions: :class:`RegionTable` ``[batch, num_regions]``.
+    """
+
+    input_ids: jax.Array
+    units: jax.Array
+    visual_index: jax.Array
+    context_index: jax.Array
+    meta: TokenMeta
+    regions: RegionTable
+
+
+class MultimodalModel(nn.Module):
+    """ViT -> projector -> decoder; ``__call__`` returns logits ``[batch, length, vocab]``."""
+
+    config: MultimodalConfig
+
+    def setup(self):
+        cfg = self.config
+        self.vision = VisionTransformer(cfg.vit)
+        self.projector = Projector(cfg.projector)
+        self.decoder = Decoder(cfg.decoder)
+        if cfg.num_context_tokens:
+            self.context_tokens = self.param(
+                "context_tokens",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (cfg.num_context_tokens, cfg.decoder.hidden_size),
+                cfg.decoder.param_dtype,
+            )
+
+    def encode_units(self, units: jax.Array) -> jax.Array:
+        """Pixels ``[batch, max_units, H, W, 3]`` -> tokens ``[batch, max_units * N, embed]``."""
+        batch, max_units = units.shape[:2]
+        features = self.vision(units.reshape(batch * max_units, *units.shape[2:]))
+        grid = (self.config.vit.grid, self.config.vit.grid)
+        tokens = self.projector(features, grid=grid)
+        return tokens.reshape(batch, max_units * tokens.shape[1], tokens.shape[2])
+
+    def embed(self, inputs: MultimodalInputs) -> jax.Array:
+        """The decoder's input embeddings ``[batch, length, embed]`` for a packed batch."""
+        x = self.decoder.embed(inputs.input_ids)
+        visual = self.encode_units(inputs.units).astype(x.dtype)
+        gathered = jnp.take_along_axis(
+            visual, jnp.maximum(inputs.visual_index, 0)[..., None], axis=1
+        )
+        x = jnp.where((inputs.visual_index >= 0)[..., None], gathered, x)
+        if self.config.num_context_tokens:
+            context = self.context_tokens.astype(x.dtype)[jnp.maximum(inputs.context_index, 0)]
+            x = jnp.where((inputs.context_index >= 0)[..., None], context, x)
+        return x
+
+    def __call__(
+        self,
+        inputs: MultimodalInputs,
+        *,
+        top_k: int | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits ``[batch, length, vocab]`` (and the cache, when one is given: prefill).
+
+        ``top_k`` overrides ``config.decoder.gaze_top_k`` (the progressive schedule, sweeps).
+        """
+        return self.decoder(
+            None,
+            inputs_embeds=self.embed(inputs),
+            token_meta=inputs.meta,
+            regions=inputs.regions,
+            top_k=top_k,
+            cache=cache,
+        )
+
+    def extend(
+        self,
+        input_ids: jax.Array,
+        meta: TokenMeta,
+        cache: KVCache,
+        *,
+        top_k: int | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """One decode step of text tokens ``[batch, seq]`` against the cache."""
+        return self.decoder(input_ids, token_meta=meta, top_k=top_k, cache=cache)

@@ -1,0 +1,1 @@
+"""Attention kernels of gazejax: the gaze attention op and its implementations."""

@@ -1,0 +1,120 @@
+"""Reference gaze attention: masked dense attention built from per-token metadata.
+
+Layout-agnostic (storage order does not matter; region extents and descriptors are recomputed
+from the metadata) and materialises ``[batch, heads, q_len, kv_len]``: the oracle that every
+other implementation is tested against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gazejax.gaze import routing as routing_lib
+from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta, region_table
+
+
+def visibility(query_meta: TokenMeta, kv_meta: TokenMeta, selected: jax.Array) -> jax.Array:
+    """Who sees what (DESIGN.md §2), as a mask.
+
+    Args:
+      query_meta: [batch, q_len] metadata of the queries.
+      kv_meta: [batch, kv_len] metadata of the keys.
+      selected: [batch, q_len, num_heads, kv_len] bool, key lies in a region the query head
+        selected (only read for text queries).
+
+    Returns:
+      [batch, q_len, num_heads, kv_len] bool.
+    """
+    q = jax.tree.map(lambda x: x[:, :, None, None], query_meta)
+    k = jax.tree.map(lambda x: x[:, None, None, :], kv_meta)
+    causal = k.position <= q.position
+    text_sees = causal & ((k.kind == TokenKind.TEXT) | (k.kind == TokenKind.CONTEXT))
+    text_sees = text_sees | ((k.kind == TokenKind.VISUAL) & selected)
+    context_sees = (k.unit == q.unit) & (
+        (k.kind == TokenKind.VISUAL) | ((k.kind == TokenKind.CONTEXT) & causal)
+    )
+    sees = jnp.select(
+        [q.kind == TokenKind.TEXT, q.kind == TokenKind.VISUAL, q.kind == TokenKind.CONTEXT],
+        [text_sees, causal, context_sees],
+        False,
+    )
+    return sees & q.valid & k.valid
+
+
+def selected_tokens(selection: routing_lib.Selection, kv_region: jax.Array, num_regions: int):
+    """[batch, q_len, num_heads, kv_len] bool: key ``kv_region`` is among the selected regions.
+
+    ``kv_region``: [batch, kv_len] region of each key (``-1`` for non-visual).
+    """
+    region_ids = jnp.arange(num_regions, dtype=jnp.int32)
+    chosen = selection.valid[..., None] & (selection.region[..., None] == region_ids)
+    chosen = chosen.any(axis=-2)  # [batch, q_len, num_heads, num_regions]
+    index = jnp.clip(kv_region, 0, num_regions - 1)[:, None, None, :]
+    return jnp.take_along_axis(chosen, index, axis=-1) & (kv_region >= 0)[:, None, None, :]
+
+
+def masked_attention(query, key, value, mask, scale: float) -> jax.Array:
+    """Softmax attention under ``mask``; fully masked rows give zeros (and finite gradients).
+
+    Shapes: query [batch, q_len, num_heads, head_dim], key/value [batch, kv_len, num_kv_heads,
+    head_dim], mask [batch, q_len, num_heads, kv_len]. Computed in float32, returned in
+    ``query.dtype``.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    group = num_heads // num_kv_heads
+    q = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
+    mask = mask.reshape(batch, q_len, num_kv_heads, group, -1)
+    logits = jnp.einsum("bqkgd,blkd->bqkgl", q, key, preferred_element_type=jnp.float32) * scale
+    peak = jax.lax.stop_gradient(jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1))
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weights = jnp.exp(jnp.where(mask, logits - peak[..., None], -jnp.inf))
+    total = weights.sum(axis=-1, keepdims=True)
+    probs = weights / jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("bqkgl,blkd->bqkgd", probs, value.astype(jnp.float32))
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+def attend(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    descriptors: jax.Array,
+    table: RegionTable,
+    *,
+    top_k: int,
+    routing: routing_lib.Routing,
+    scale: float,
+) -> tuple[jax.Array, routing_lib.Selection]:
+    """Routing plus masked dense attention, given descriptors and region extents."""
+    allowed = routing_lib.routable(query_meta, table)
+    selection = routing_lib.select_regions(
+        query, descriptors, allowed, top_k=top_k, routing=routing
+    )
+    selected = selected_tokens(selection, kv_meta.region, table.num_regions)
+    mask = visibility(query_meta, kv_meta, selected)
+    return masked_attention(query, key, value, mask, scale), selection
+
+
+def gaze_attention_reference(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    num_regions: int,
+    descriptors: jax.Array | None,
+    *,
+    top_k: int,
+    routing: routing_lib.Routing,
+    scale: float,
+) -> tuple[jax.Array, routing_lib.Selection]:
+    """The oracle: region extents (and descriptors unless given) derived from ``kv_meta``."""
+    table = region_table(kv_meta, num_regions, capacity=0)
+    if descriptors is None:
+        descriptors = routing_lib.region_descriptors(key, kv_meta, num_regions)
+    return attend(query, key, value, query_meta, kv_meta, descriptors, table,
+                  top_k=top_k, routing=routing, scale=scale)

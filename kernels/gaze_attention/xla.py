@@ -1,0 +1,204 @@
+"""Gaze attention in plain XLA: a region-gather decode and a blockwise many-query path.
+
+Decode (``q_len == 1``) reads only what the query may see: the text and context tokens (the
+*unrouted* part), then the K selected regions, each the cache slice ``start + [0, m)`` (tail
+beyond the region's length masked), in chunks of a few regions under an online softmax in a
+``lax.scan`` that starts from the unrouted part's state (the log-sum-exp merge). On XLA:CPU one
+big gather feeding a dot is slow and ``scan(unroll=True)`` slower still; see :func:`_routed`
+for bfloat16.
+
+Many queries (prefill, training) run the reference math block by block over queries under
+``jax.checkpoint``, so neither the forward nor the backward holds more than one block's
+``[heads, block, kv_len]`` scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gazejax.gaze import routing as routing_lib
+from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
+from kernels.gaze_attention import reference
+
+QUERY_BLOCK = 128
+REGIONS_PER_STEP = 8
+
+
+def gaze_attention_xla(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    table: RegionTable,
+    descriptors: jax.Array,
+    *,
+    top_k: int,
+    routing: routing_lib.Routing,
+    scale: float,
+    max_unrouted_tokens: int | None = None,
+) -> tuple[jax.Array, routing_lib.Selection]:
+    """Decode when ``q_len == 1``, else blockwise; see the module docstring."""
+    if query.shape[1] == 1:
+        return _decode(query, key, value, query_meta, kv_meta, table, descriptors, top_k=top_k,
+                       routing=routing, scale=scale, max_unrouted_tokens=max_unrouted_tokens)
+    return _blockwise(query, key, value, query_meta, kv_meta, table, descriptors, top_k=top_k,
+                      routing=routing, scale=scale)
+
+
+def _blockwise(query, key, value, query_meta, kv_meta, table, descriptors, **options):
+    """Reference attention over query blocks of :data:`QUERY_BLOCK`, rematerialised."""
+    batch, q_len = query.shape[:2]
+    block = min(QUERY_BLOCK, q_len)
+    num_blocks = math.ceil(q_len / block)
+    pad = num_blocks * block - q_len
+
+    def blocks(x, fill):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(batch, num_blocks, block, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_block(q, q_meta):
+        return reference.attend(q, key, value, q_meta, kv_meta, descriptors, table, **options)
+
+    def step(_, xs):
+        return None, one_block(*xs)
+
+    meta_blocks = jax.tree.map(lambda x: blocks(x, TokenKind.PADDING), query_meta)
+    _, (out, selection) = jax.lax.scan(step, None, (blocks(query, 0), meta_blocks))
+
+    def unblock(x):
+        return jnp.moveaxis(x, 0, 1).reshape(batch, num_blocks * block, *x.shape[3:])[:, :q_len]
+
+    return unblock(out), jax.tree.map(unblock, selection)
+
+
+def _decode(query, key, value, query_meta, kv_meta, table, descriptors, *, top_k, routing, scale,
+            max_unrouted_tokens):
+    """One query per sample against a region-major cache."""
+    allowed = routing_lib.routable(query_meta, table)
+    selection = routing_lib.select_regions(
+        query, descriptors, allowed, top_k=top_k, routing=routing
+    )
+    state = _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens)
+    _, total, acc = _routed(query, key, value, table, selection, routing, scale, state)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.reshape(query.shape).astype(query.dtype), selection
+
+
+def _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens):
+    """Online-softmax state of the keys the query sees without routing, per KV head.
+
+    With ``max_unrouted_tokens`` only the cache's text and context slots (at most that many per
+    sample) are gathered and read; the query must then be a text token. Without it the whole
+    cache is read under the full visibility mask, which serves any query kind.
+    """
+    if max_unrouted_tokens is not None:
+        kind = kv_meta.kind
+        keep = (kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)
+        slots = jax.vmap(lambda k: jnp.nonzero(k, size=max_unrouted_tokens, fill_value=0)[0])(
+            keep
+        )
+        found = jnp.arange(max_unrouted_tokens) < keep.sum(axis=1, keepdims=True)
+        take = jax.vmap(lambda x, i: x[i])
+        key, value = take(key, slots), take(value, slots)
+        kv_meta = jax.tree.map(lambda x: jnp.where(found, take(x, slots), -1), kv_meta)
+    no_regions = jnp.zeros((*query.shape[:3], key.shape[1]), bool)
+    mask = reference.visibility(query_meta, kv_meta, no_regions)[:, 0]  # [b, heads, kv_len]
+    batch, _, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("bkgd,blkd->bkgl", q, key, preferred_element_type=jnp.float32) * scale
+    state = _empty_state(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    return _update(state, logits, mask.reshape(logits.shape), value.transpose(0, 2, 1, 3))
+
+
+def _routed(query, key, value, table, selection, routing, scale, state):
+    """Adds the selected regions to ``state``, :data:`REGIONS_PER_STEP` regions per scan step.
+
+    Float32 caches are gathered chunk by chunk inside the scan (small working set). Gathers of
+    2-byte types inside a loop are very slow on XLA:CPU, so bfloat16 caches are gathered before
+    the scan, as ``uint32`` pairs, and the scan only unpacks each chunk.
+    """
+    batch, _, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1:3]
+    groups = num_heads if routing == "per_head" else num_kv_heads  # distinct selections
+    per_group = num_heads // groups
+    region = selection.region[:, 0, ::per_group]  # [b, groups, top_k]
+    valid = selection.valid[:, 0, ::per_group]
+    top_k = region.shape[-1]
+    num_steps = math.ceil(top_k / REGIONS_PER_STEP)
+    chunk = math.ceil(top_k / num_steps)
+    region, valid = (jnp.pad(x, [(0, 0), (0, 0), (0, num_steps * chunk - top_k)])
+                     for x in (jnp.maximum(region, 0), valid))
+    start = jnp.take_along_axis(table.start[:, None], region, axis=-1)
+    length = jnp.where(valid, jnp.take_along_axis(table.length[:, None], region, axis=-1), 0)
+    start, length = (jnp.moveaxis(x.reshape(batch, groups, num_steps, chunk), 2, 0)
+                     for x in (start, length))  # [steps, b, groups, chunk]
+
+    slot = jnp.arange(table.capacity, dtype=jnp.int32)
+    token = jnp.minimum(start[..., None] + slot, kv_len - 1)  # [steps, b, groups, chunk, m]
+    kv_head = jnp.arange(groups, dtype=jnp.int32) * num_kv_heads // groups
+    sample = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] * kv_len
+    row = ((sample + token) * num_kv_heads + kv_head[:, None, None])
+    row = row.reshape(num_steps, batch, groups, -1)
+    mask = (slot < length[..., None]).reshape(num_steps, batch, groups, 1, -1)
+    key_rows, value_rows = _as_rows(key), _as_rows(value)
+
+    def fetch(row):
+        return tuple(x.at[row].get(mode="promise_in_bounds") for x in (key_rows, value_rows))
+
+    prefetched = fetch(row) if key.dtype.itemsize == 2 else None
+    q = query[:, 0].reshape(batch, groups, per_group, head_dim).astype(jnp.float32)
+
+    def step(state, xs):
+        gathered, row, mask = xs
+        keys, values = fetch(row) if gathered is None else gathered
+        keys, values = _unpack(keys, key.dtype), _unpack(values, value.dtype)
+        logits = jnp.einsum("bshd,bsnd->bshn", q, keys) * scale  # keys: [b, groups, n, d]
+        return _update(state, logits, mask, values), None
+
+    state = jax.tree.map(lambda x: x.reshape(batch, groups, per_group, *x.shape[3:]), state)
+    state, _ = jax.lax.scan(step, state, (prefetched, row, mask))
+    return state
+
+
+def _as_rows(x: jax.Array) -> jax.Array:
+    """[batch, len, heads, d] → [batch·len·heads, words]; 2-byte values packed in uint32 pairs."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.dtype.itemsize == 2:
+        rows = jax.lax.bitcast_convert_type(rows.reshape(rows.shape[0], -1, 2), jnp.uint32)
+    return rows
+
+
+def _unpack(words: jax.Array, dtype) -> jax.Array:
+    """Gathered rows of :func:`_as_rows` as float32 [..., head_dim]."""
+    if jnp.dtype(dtype).itemsize == 2:
+        words = jax.lax.bitcast_convert_type(words, dtype).reshape(*words.shape[:-1], -1)
+    return words.astype(jnp.float32)
+
+
+def _empty_state(batch: int, groups: int, per_group: int, head_dim: int):
+    """Online-softmax state ``(max, sum [b, s, h], acc [b, s, h, d])`` of an empty key set."""
+    return (jnp.full((batch, groups, per_group), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, groups, per_group), jnp.float32),
+            jnp.zeros((batch, groups, per_group, head_dim), jnp.float32))
+
+
+def _update(state, logits, mask, value):
+    """Adds keys ``logits [b, s, h, n]`` (under ``mask``) with ``value [b, s, n, d]``.
+
+    ``s`` indexes key sets (KV heads or selections), ``h`` the query heads sharing one.
+    """
+    peak, total, acc = state
+    logits = jnp.where(mask, logits, -jnp.inf)
+    new_peak = jnp.maximum(peak, logits.max(axis=-1))
+    safe = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)
+    rescale = jnp.exp(peak - safe)
+    weights = jnp.exp(logits - safe[..., None])
+    total = total * rescale + weights.sum(axis=-1)
+    contribution = jnp.einsum("bshn,bsnd->bshd", weights, value.astype(jnp.float32))
+    return new_peak, total, acc * rescale[..., None] + contribution

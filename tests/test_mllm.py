@@ -1,0 +1,189 @@
+"""The multimodal model: gaze with every region selected is dense; the cache is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from gazejax.data.packing import Text, Visual, pack_batch
+from gazejax.gaze.regions import TokenKind
+from gazejax.models.decoder import DecoderConfig, KVCache
+from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from gazejax.models.projector import ProjectorConfig
+from gazejax.models.vit import vit_config
+
+VOCAB = 61
+
+
+def _config(
+    attention="dense",
+    region_size=(2, 2, 1),
+    implementation="reference",
+    top_k=64,
+    routing="per_head",
+    context=2,
+):
+    vit = vit_config("mu/4", image_size=16)  # 4x4 token grid per unit
+    return MultimodalConfig(
+        vit=vit,
+        projector=ProjectorConfig(vision_width=vit.width, hidden_size=32),
+        decoder=DecoderConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            attention=attention,
+            gaze_top_k=top_k,
+            gaze_routing=routing,
+            gaze_implementation=implementation,
+        ),
+        num_context_tokens=context,
+        region_size=region_size,
+    )
+
+
+def _samples(seed: int):
+    rng = np.random.default_rng(seed)
+
+    def text(n):
+        return Text(rng.integers(1, VOCAB, n))
+
+    def visual(frames):
+        return Visual(rng.uniform(-1, 1, (frames, 16, 16, 3)).astype(np.float32))
+
+    return [
+        [text(3), visual(1), text(4), visual(1), text(5)],  # text before, between and after
+        [visual(3), text(6)],  # a video: three frames
+        [text(2), visual(1), text(7)],  # fewer units than the others: padding
+    ]
+
+
+def _inputs(config, seed=0):
+    return pack_batch(_samples(seed), config, length=96, max_units=3, num_regions=12)[0]
+
+
+def _params(config, inputs, seed=0):
+    model = MultimodalModel(config)
+    params = nn.unbox(model.init(jax.random.key(seed), inputs))["params"]
+    return model, params
+
+
+@pytest.mark.parametrize("region_size", [(2, 2, 1), (3, 3, 1), (2, 2, 2), (4, 3, 2)])
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_gaze_with_every_region_equals_dense(region_size, implementation):
+    dense_cfg = _config("dense", region_size)
+    gaze_cfg = _config("gaze", region_size, implementation, top_k=64)
+    inputs = _inputs(dense_cfg, seed=1)
+    model, params = _params(dense_cfg, inputs)
+    dense = model.apply({"params": params}, inputs)
+    gaze = MultimodalModel(gaze_cfg).apply({"params": params}, inputs)
+    valid = np.asarray(inputs.meta.valid)
+    np.testing.assert_allclose(np.asarray(gaze)[valid], np.asarray(dense)[valid], atol=1e-5)
+
+
+def test_small_k_changes_only_what_follows_routed_text():
+    inputs = _inputs(_config(), seed=2)
+    model, params = _params(_config(), inputs)
+    dense = np.asarray(model.apply({"params": params}, inputs))
+    gaze = np.asarray(MultimodalModel(_config("gaze", top_k=1)).apply({"params": params}, inputs))
+    kind, position = np.asarray(inputs.meta.kind), np.asarray(inputs.meta.position)
+    for b in range(kind.shape[0]):
+        first_visual = position[b][kind[b] == TokenKind.VISUAL].min()
+        routed_text = (kind[b] == TokenKind.TEXT) & (position[b] > first_visual)
+        first_routed = position[b][routed_text].min()
+        before = (kind[b] != TokenKind.PADDING) & (position[b] < first_routed)
+        np.testing.assert_allclose(gaze[b][before], dense[b][before], atol=1e-5)
+        assert np.abs(gaze[b][routed_text] - dense[b][routed_text]).max() > 1e-4
+
+
+def test_context_token_output_ignores_other_units():
+    config = _config("gaze", top_k=1)
+    inputs = _inputs(config, seed=3)
+    model, params = _params(config, inputs)
+
+    def hidden(inputs):
+        _, state = model.apply({"params": params}, inputs, capture_intermediates=True)
+        return np.asarray(state["intermediates"]["decoder"]["layers_1"]["__call__"][0][0])
+
+    before = hidden(inputs)
+    changed = inputs.replace(units=inputs.units.at[0, 1].add(0.5))  # sample 0, second image
+    after = hidden(changed)
+    unit = np.asarray(inputs.meta.unit)[0]
+    kind = np.asarray(inputs.meta.kind)[0]
+    own_context = (kind == TokenKind.CONTEXT) & (unit == 0)
+    np.testing.assert_allclose(after[0][own_context], before[0][own_context], atol=1e-6)
+    assert (
+        np.abs(
+            after[0][(kind == TokenKind.CONTEXT) & (unit == 1)]
+            - before[0][(kind == TokenKind.CONTEXT) & (unit == 1)]
+        ).max()
+        > 1e-4
+    )
+
+
+def _slice(inputs: MultimodalInputs, end: int) -> MultimodalInputs:
+    cut = lambda x: x[:, :end]  # noqa: E731
+    return inputs.replace(
+        input_ids=cut(inputs.input_ids),
+        visual_index=cut(inputs.visual_index),
+        context_index=cut(inputs.context_index),
+        meta=jax.tree.map(cut, inputs.meta),
+    )
+
+
+@pytest.mark.parametrize(
+    "attention,implementation,top_k",
+    [("dense", "reference", 1), ("gaze", "reference", 2), ("gaze", "xla", 2), ("gaze", "xla", 64)],
+)
+def test_prefill_then_decode_equals_full_forward(attention, implementation, top_k):
+    config = _config(attention, implementation=implementation, top_k=top_k)
+    rng = np.random.default_rng(4)
+    frames = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    sample = [
+        Text(rng.integers(1, VOCAB, 3)),
+        Visual(frames[:1]),
+        Text(rng.integers(1, VOCAB, 2)),
+        Visual(frames[1:]),
+        Text(rng.integers(1, VOCAB, 6)),
+    ]
+    inputs, _ = pack_batch([sample], config, length=50, max_units=2, num_regions=8)
+    model, params = _params(config, inputs)
+    full = np.asarray(model.apply({"params": params}, inputs))
+    total = int(np.asarray(inputs.meta.valid).sum())
+    prefix = total - 4
+    cache = KVCache.empty(config.decoder, batch=1, max_len=total, regions=inputs.regions)
+    logits, cache = model.apply({"params": params}, _slice(inputs, prefix), cache=cache)
+    np.testing.assert_allclose(np.asarray(logits)[0], full[0, :prefix], atol=1e-5)
+    for slot in range(prefix, total):
+        meta = jax.tree.map(lambda x, s=slot: x[:, s : s + 1], inputs.meta)
+        assert int(meta.kind[0, 0]) == TokenKind.TEXT
+        step, cache = model.apply(
+            {"params": params},
+            inputs.input_ids[:, slot : slot + 1],
+            meta,
+            cache,
+            method=MultimodalModel.extend,
+        )
+        np.testing.assert_allclose(np.asarray(step)[0, 0], full[0, slot], atol=1e-5)
+
+
+def test_invalid_settings_name_the_key():
+    with pytest.raises(ValueError, match="num_context_tokens"):
+        _config(context=-1)
+    with pytest.raises(ValueError, match="region_size"):
+        _config(region_size=(0, 2, 1))
+    with pytest.raises(ValueError, match="region_size"):
+        _config(region_size=(5, 2, 1))  # larger than the 4x4 grid
+    with pytest.raises(ValueError, match="top_k"):
+        _config("gaze", top_k=0)
+    with pytest.raises(ValueError, match="gaze_routing"):
+        _config("gaze", routing="everyone")
+    with pytest.raises(ValueError, match="attention"):
+        dataclasses.replace(_config().decoder, attention="sparse")
