@@ -23,11 +23,25 @@ from gazejax.convert.hf import read_hf_config
 from gazejax.convert.siglip import vit_config_from_hf
 from gazejax.models.vit import VisionTransformer
 
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-              image_size=16, patch_size=4)
-TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-            vocab_size=64, max_position_embeddings=8, pad_token_id=1, bos_token_id=2,
-            eos_token_id=3)
+VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=4,
+)
+TEXT = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=64,
+    max_position_embeddings=8,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=3,
+)
 F32_TOL = 1e-4
 BF16_TOL = 0.15  # bf16 compute; measured max error 0.03 (head) and 0.07 (no head), outputs up to ~4
 
@@ -117,8 +131,10 @@ def test_scan_loads_stacked_keys_and_matches(vision, pixels):
     assert params["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 2, 16)
     want = hf_outputs(hf_model, pixels)
     assert max_err(apply(model, params, pixels)[0], want.last_hidden_state) <= F32_TOL
-    assert max_err(apply(model, params, pixels, output="penultimate")[0],
-                   want.hidden_states[-2]) <= F32_TOL
+    assert (
+        max_err(apply(model, params, pixels, output="penultimate")[0], want.hidden_states[-2])
+        <= F32_TOL
+    )
 
 
 def test_bfloat16_compute_close_to_hf(vision, pixels):
@@ -142,8 +158,10 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(vision, pixels, tmp_p
         tmp_path, output_loading_info=True
     )
     assert not any(info.values()), info
-    np.testing.assert_array_equal(hf_outputs(reloaded.eval(), pixels).last_hidden_state,
-                                  hf_outputs(hf_model, pixels).last_hidden_state)
+    np.testing.assert_array_equal(
+        hf_outputs(reloaded.eval(), pixels).last_hidden_state,
+        hf_outputs(hf_model, pixels).last_hidden_state,
+    )
 
 
 def test_two_tower_saves_as_vision_model(two_tower, tmp_path):
@@ -151,8 +169,11 @@ def test_two_tower_saves_as_vision_model(two_tower, tmp_path):
     save_hf(*load_hf(folder), tmp_path)
     original = load_file(os.path.join(folder, "model.safetensors"))
     resaved = load_file(os.path.join(tmp_path, "model.safetensors"))
-    vision = {k.removeprefix("vision_model."): v for k, v in original.items()
-              if k.startswith("vision_model.")}
+    vision = {
+        k.removeprefix("vision_model."): v
+        for k, v in original.items()
+        if k.startswith("vision_model.")
+    }
     assert sorted(resaved) == sorted(vision)
     for key, value in vision.items():
         np.testing.assert_array_equal(resaved[key], value, err_msg=key)
@@ -173,8 +194,11 @@ def test_transformers4_vision_folder_with_prefix(vision, pixels, tmp_path):
     """transformers 4 wrote ``SiglipVisionModel`` keys under ``vision_model.``."""
     folder, hf_model = vision
     tensors = load_file(os.path.join(folder, "model.safetensors"))
-    save_file({f"vision_model.{k}": v for k, v in tensors.items()},
-              os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {f"vision_model.{k}": v for k, v in tensors.items()},
+        os.path.join(tmp_path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = {**read_hf_config(folder), "transformers_version": "4.57.1"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     model, params = load_hf(tmp_path)
@@ -221,9 +245,19 @@ def test_unsupported_configs(vision, tmp_path):
 
 def test_partial_two_tower_config_uses_hf_defaults():
     """Hub config.json files list only non-default vision fields."""
-    config = vit_config_from_hf({"model_type": "siglip", "vision_config": {
-        "hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16,
-        "num_hidden_layers": 27, "patch_size": 14, "image_size": 384}})
+    config = vit_config_from_hf(
+        {
+            "model_type": "siglip",
+            "vision_config": {
+                "hidden_size": 1152,
+                "intermediate_size": 4304,
+                "num_attention_heads": 16,
+                "num_hidden_layers": 27,
+                "patch_size": 14,
+                "image_size": 384,
+            },
+        }
+    )
     assert (config.width, config.depth, config.patch_size, config.grid) == (1152, 27, 14, 27)
     assert (config.pool, config.layer_norm_eps) == ("map", 1e-6)
 
@@ -239,8 +273,9 @@ def big_vision_tree(hf_model: transformers.SiglipVisionModel) -> dict[str, np.nd
     split = lambda w: w.T.reshape(d, heads, d // heads)  # noqa: E731
 
     def attention(ours, theirs_q, theirs_k, theirs_v, theirs_out, biases):
-        for name, w, b in zip(("query", "key", "value"), (theirs_q, theirs_k, theirs_v), biases,
-                              strict=True):
+        for name, w, b in zip(
+            ("query", "key", "value"), (theirs_q, theirs_k, theirs_v), biases, strict=True
+        ):
             tree[f"{ours}/{name}/kernel"] = split(w)
             tree[f"{ours}/{name}/bias"] = b.reshape(heads, d // heads)
         tree[f"{ours}/out/kernel"] = t[f"{theirs_out}.weight"].T.reshape(heads, d // heads, d)
@@ -262,17 +297,22 @@ def big_vision_tree(hf_model: transformers.SiglipVisionModel) -> dict[str, np.nd
         ours, theirs = f"Transformer/encoderblock_{i}", f"encoder.layers.{i}"
         norm(f"{ours}/LayerNorm_0", f"{theirs}.layer_norm1")
         norm(f"{ours}/LayerNorm_1", f"{theirs}.layer_norm2")
-        attention(f"{ours}/MultiHeadDotProductAttention_0",
-                  *(t[f"{theirs}.self_attn.{p}_proj.weight"] for p in "qkv"),
-                  f"{theirs}.self_attn.out_proj",
-                  [t[f"{theirs}.self_attn.{p}_proj.bias"] for p in "qkv"])
+        attention(
+            f"{ours}/MultiHeadDotProductAttention_0",
+            *(t[f"{theirs}.self_attn.{p}_proj.weight"] for p in "qkv"),
+            f"{theirs}.self_attn.out_proj",
+            [t[f"{theirs}.self_attn.{p}_proj.bias"] for p in "qkv"],
+        )
         dense(f"{ours}/MlpBlock_0/Dense_0", f"{theirs}.mlp.fc1")
         dense(f"{ours}/MlpBlock_0/Dense_1", f"{theirs}.mlp.fc2")
     if hf_model.config.vision_use_head:
         tree["MAPHead_0/probe"] = t["head.probe"]
-        attention("MAPHead_0/MultiHeadDotProductAttention_0",
-                  *np.split(t["head.attention.in_proj_weight"], 3), "head.attention.out_proj",
-                  np.split(t["head.attention.in_proj_bias"], 3))
+        attention(
+            "MAPHead_0/MultiHeadDotProductAttention_0",
+            *np.split(t["head.attention.in_proj_weight"], 3),
+            "head.attention.out_proj",
+            np.split(t["head.attention.in_proj_bias"], 3),
+        )
         norm("MAPHead_0/LayerNorm_0", "head.layernorm")
         dense("MAPHead_0/MlpBlock_0/Dense_0", "head.mlp.fc1")
         dense("MAPHead_0/MlpBlock_0/Dense_1", "head.mlp.fc2")
@@ -284,9 +324,10 @@ def scanned(tree: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
     block0 = "Transformer/encoderblock_0/"
     out = {k: v for k, v in tree.items() if not k.startswith("Transformer/encoderblock_")}
     for key in (k for k in tree if k.startswith(block0)):
-        leaf = key[len(block0):]
+        leaf = key[len(block0) :]
         out[f"Transformer/encoderblock/{leaf}"] = np.stack(
-            [tree[f"Transformer/encoderblock_{i}/{leaf}"] for i in range(depth)])
+            [tree[f"Transformer/encoderblock_{i}/{leaf}"] for i in range(depth)]
+        )
     return out
 
 
@@ -298,8 +339,13 @@ def test_big_vision_two_tower_npz_matches_hf(vision, pixels, tmp_path, npz_scann
     tree = scanned(tree, 2) if npz_scanned else tree
     rng = np.random.default_rng(4)
     two_tower = {f"params/img/{k}": v for k, v in tree.items()}
-    two_tower.update({"params/txt/Embed_0/embedding": rng.standard_normal((64, 32)),
-                      "params/t": np.ones(1), "params/b": np.zeros(1)})
+    two_tower.update(
+        {
+            "params/txt/Embed_0/embedding": rng.standard_normal((64, 32)),
+            "params/t": np.ones(1),
+            "params/b": np.zeros(1),
+        }
+    )
     np.savez(tmp_path / "siglip.npz", **two_tower)
     config = dataclasses.replace(vit_config_from_hf(read_hf_config(folder)), scan=model_scan)
     params = load_big_vision_npz(tmp_path / "siglip.npz", config)
@@ -317,8 +363,9 @@ def test_big_vision_npz_round_trip_is_bit_exact(vision, tmp_path, scan):
     tree = scanned(tree, 2) if scan else tree
     np.savez(tmp_path / "in.npz", **tree)
     config = dataclasses.replace(vit_config_from_hf(read_hf_config(folder)), scan=scan)
-    save_big_vision_npz(load_big_vision_npz(tmp_path / "in.npz", config), config,
-                        tmp_path / "out.npz")
+    save_big_vision_npz(
+        load_big_vision_npz(tmp_path / "in.npz", config), config, tmp_path / "out.npz"
+    )
     with np.load(tmp_path / "out.npz") as out:
         assert sorted(out) == sorted(tree)
         for key, value in tree.items():

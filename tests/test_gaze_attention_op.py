@@ -21,8 +21,16 @@ from kernels.gaze_attention import gaze_attention, xla
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 IMPLEMENTATIONS = ["reference", "xla"]
 
-op = jax.jit(gaze_attention, static_argnames=(
-    "top_k", "routing", "implementation", "max_unrouted_tokens", "return_selection"))
+op = jax.jit(
+    gaze_attention,
+    static_argnames=(
+        "top_k",
+        "routing",
+        "implementation",
+        "max_unrouted_tokens",
+        "return_selection",
+    ),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,29 +53,51 @@ class Case:
         rng = np.random.default_rng(seed)
         position = np.asarray(self.meta.position)
         heads = (NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS)
-        raster = [rng.standard_normal((position.shape[0], position.max() + 1, h, HEAD_DIM))
-                  for h in heads]
+        raster = [
+            rng.standard_normal((position.shape[0], position.max() + 1, h, HEAD_DIM)) for h in heads
+        ]
         index, real = np.maximum(position, 0)[..., None, None], (position >= 0)[..., None, None]
         self.q, self.k, self.v = (
-            jnp.asarray(np.where(real, np.take_along_axis(x, index, axis=1),
-                                 rng.standard_normal((*position.shape, *x.shape[2:]))),
-                        jnp.float32)
-            for x in raster)
+            jnp.asarray(
+                np.where(
+                    real,
+                    np.take_along_axis(x, index, axis=1),
+                    rng.standard_normal((*position.shape, *x.shape[2:])),
+                ),
+                jnp.float32,
+            )
+            for x in raster
+        )
 
     @property
     def num_regions(self):
         return self.table.num_regions
 
     def __call__(self, implementation="reference", q=None, k=None, v=None, **options):
-        return op(self.q if q is None else q, self.k if k is None else k,
-                  self.v if v is None else v, self.meta, self.meta, self.table,
-                  implementation=implementation, **options)
+        return op(
+            self.q if q is None else q,
+            self.k if k is None else k,
+            self.v if v is None else v,
+            self.meta,
+            self.meta,
+            self.table,
+            implementation=implementation,
+            **options,
+        )
 
     def decode(self, index, implementation="xla", **options):
         """Query slot ``index`` alone against the whole cache."""
-        query_meta = jax.tree.map(lambda x: x[:, index:index + 1], self.meta)
-        return op(self.q[:, index:index + 1], self.k, self.v, query_meta, self.meta, self.table,
-                  implementation=implementation, **options)
+        query_meta = jax.tree.map(lambda x: x[:, index : index + 1], self.meta)
+        return op(
+            self.q[:, index : index + 1],
+            self.k,
+            self.v,
+            query_meta,
+            self.meta,
+            self.table,
+            implementation=implementation,
+            **options,
+        )
 
     def slots(self, *kinds, sample=0):
         return np.flatnonzero(np.isin(np.asarray(self.meta.kind[sample]), kinds))
@@ -79,8 +109,9 @@ def dense_mask(meta):
     q = (slice(None), slice(None), None)
     k = (slice(None), None, slice(None))
     causal = pos[k] <= pos[q]
-    context = (unit[k] == unit[q]) & ((kind[k] == TokenKind.VISUAL)
-                                      | ((kind[k] == TokenKind.CONTEXT) & causal))
+    context = (unit[k] == unit[q]) & (
+        (kind[k] == TokenKind.VISUAL) | ((kind[k] == TokenKind.CONTEXT) & causal)
+    )
     mask = np.where(kind[q] == TokenKind.CONTEXT, context, causal)
     return (mask & (kind[q] >= 0) & (kind[k] >= 0))[:, None]
 
@@ -88,8 +119,10 @@ def dense_mask(meta):
 def naive_gaze(case, top_k, route, descriptors=None):
     """Eq. 2–4 by the letter, NumPy float64 loops over batch, queries and heads."""
     q, k, v = (np.asarray(x, np.float64) for x in (case.q, case.k, case.v))
-    kind, unit, region, pos = (np.asarray(x) for x in (
-        case.meta.kind, case.meta.unit, case.meta.region, case.meta.position))
+    kind, unit, region, pos = (
+        np.asarray(x)
+        for x in (case.meta.kind, case.meta.unit, case.meta.region, case.meta.position)
+    )
     batch, length, heads, dim = q.shape
     group = heads // k.shape[2]
     out = np.zeros(q.shape)
@@ -111,14 +144,17 @@ def naive_gaze(case, top_k, route, descriptors=None):
                     scoring = [h] if route == "per_head" else range(j * group, (j + 1) * group)
                     score = {r: sum(q[b, i, s] @ desc[r][j] for s in scoring) for r in earlier}
                     top = sorted(earlier, key=lambda r: (-score[r], r))[:top_k]
-                    chosen[b, i, h, :len(top)] = top
-                    sees = (((kind[b] == TokenKind.TEXT) | (kind[b] == TokenKind.CONTEXT))
-                            & (pos[b] <= pos[b, i])) | (visual & np.isin(region[b], top))
+                    chosen[b, i, h, : len(top)] = top
+                    sees = (
+                        ((kind[b] == TokenKind.TEXT) | (kind[b] == TokenKind.CONTEXT))
+                        & (pos[b] <= pos[b, i])
+                    ) | (visual & np.isin(region[b], top))
                 elif kind[b, i] == TokenKind.VISUAL:
                     sees = (kind[b] >= 0) & (pos[b] <= pos[b, i])
                 elif kind[b, i] == TokenKind.CONTEXT:
                     sees = (unit[b] == unit[b, i]) & (
-                        visual | ((kind[b] == TokenKind.CONTEXT) & (pos[b] <= pos[b, i])))
+                        visual | ((kind[b] == TokenKind.CONTEXT) & (pos[b] <= pos[b, i]))
+                    )
                 else:
                     continue
                 logits = k[b, sees, j] @ q[b, i, h] / np.sqrt(dim)
@@ -132,17 +168,39 @@ def naive_gaze(case, top_k, route, descriptors=None):
 
 DENSE_CASES = {
     "one image": ([[TextSegment(3), VisualSegment(6, 6), TextSegment(5)]], (3, 3)),
-    "several images": ([[TextSegment(2), VisualSegment(4, 4), VisualSegment(3, 5),
-                         TextSegment(4)]], (2, 2)),
+    "several images": (
+        [[TextSegment(2), VisualSegment(4, 4), VisualSegment(3, 5), TextSegment(4)]],
+        (2, 2),
+    ),
     "video r_t=1": ([[TextSegment(2), VisualSegment(4, 4, frames=3), TextSegment(3)]], (2, 2, 1)),
     "video r_t=2": ([[TextSegment(2), VisualSegment(4, 4, frames=3), TextSegment(3)]], (2, 2, 2)),
-    "text before, between, after": ([[TextSegment(3), VisualSegment(3, 3), TextSegment(2),
-                                      VisualSegment(3, 3), TextSegment(3)]], (2, 2)),
-    "batch with different units": ([
-        [TextSegment(2), VisualSegment(3, 3), TextSegment(2)],
-        [TextSegment(1), VisualSegment(3, 3), TextSegment(1), VisualSegment(3, 3),
-         TextSegment(2), VisualSegment(2, 2), TextSegment(2)],
-    ], (2, 2)),
+    "text before, between, after": (
+        [
+            [
+                TextSegment(3),
+                VisualSegment(3, 3),
+                TextSegment(2),
+                VisualSegment(3, 3),
+                TextSegment(3),
+            ]
+        ],
+        (2, 2),
+    ),
+    "batch with different units": (
+        [
+            [TextSegment(2), VisualSegment(3, 3), TextSegment(2)],
+            [
+                TextSegment(1),
+                VisualSegment(3, 3),
+                TextSegment(1),
+                VisualSegment(3, 3),
+                TextSegment(2),
+                VisualSegment(2, 2),
+                TextSegment(2),
+            ],
+        ],
+        (2, 2),
+    ),
     "ragged edge regions": ([[TextSegment(1), VisualSegment(5, 7), TextSegment(3)]], (3, 3)),
 }
 
@@ -168,8 +226,10 @@ def test_padded_regions_change_nothing():
     samples = [[TextSegment(2), VisualSegment(5, 5), TextSegment(3)]]
     plain, padded = Case(samples, (2, 2)), Case(samples, (2, 2), pad_regions=True)
     assert padded.meta.kind.shape[1] > plain.meta.kind.shape[1]
-    by_position = [np.argsort(np.where(c.meta.position[0] < 0, 10**6, c.meta.position[0]))[:30]
-                   for c in (plain, padded)]
+    by_position = [
+        np.argsort(np.where(c.meta.position[0] < 0, 10**6, c.meta.position[0]))[:30]
+        for c in (plain, padded)
+    ]
     for implementation in IMPLEMENTATIONS:
         a, b = plain(implementation, top_k=2), padded(implementation, top_k=2)
         np.testing.assert_allclose(a[:, by_position[0]], b[:, by_position[1]], atol=1e-6)
@@ -181,11 +241,20 @@ def test_padded_regions_change_nothing():
 # ----------------------------------------------------------------------------------------------
 # With few regions, every implementation equals the naive eq. 2–4.
 
-ROUTED = Case([
-    [TextSegment(2), VisualSegment(4, 6), TextSegment(3), VisualSegment(4, 4, frames=2),
-     TextSegment(4)],
-    [TextSegment(3), VisualSegment(5, 3), TextSegment(5)],  # ragged regions
-], (2, 2, 1), seed=7)
+ROUTED = Case(
+    [
+        [
+            TextSegment(2),
+            VisualSegment(4, 6),
+            TextSegment(3),
+            VisualSegment(4, 4, frames=2),
+            TextSegment(4),
+        ],
+        [TextSegment(3), VisualSegment(5, 3), TextSegment(5)],  # ragged regions
+    ],
+    (2, 2, 1),
+    seed=7,
+)
 
 
 def tied(case):
@@ -211,15 +280,22 @@ def test_few_regions_match_naive_eq_2_to_4(route, implementation):
     for top_k, explicit, steps in ((1, False, []), (3, True, decode), (40, False, decode)):
         given = descriptors if explicit else None
         expected, chosen = naive_gaze(case, top_k, route, given)
-        out, selection = case(implementation, top_k=top_k, routing=route, descriptors=given,
-                              return_selection=True)
+        out, selection = case(
+            implementation, top_k=top_k, routing=route, descriptors=given, return_selection=True
+        )
         np.testing.assert_allclose(out, expected, atol=1e-5)
         is_text = kind == TokenKind.TEXT
         np.testing.assert_array_equal(np.asarray(selection.region)[is_text], chosen[is_text])
         np.testing.assert_array_equal(selection.valid, chosen >= 0)
         for index, bound in steps:
-            step = case.decode(index, implementation, top_k=top_k, routing=route,
-                               descriptors=given, max_unrouted_tokens=bound)
+            step = case.decode(
+                index,
+                implementation,
+                top_k=top_k,
+                routing=route,
+                descriptors=given,
+                max_unrouted_tokens=bound,
+            )
             np.testing.assert_allclose(step[:, 0], expected[:, index], atol=1e-5)
 
 
@@ -243,19 +319,30 @@ def test_bfloat16_decode_matches_the_reference():
     case = ROUTED
     q, k, v = (x.astype(jnp.bfloat16) for x in (case.q, case.k, case.v))
     text = case.slots(TokenKind.TEXT)[-1]
-    query_meta = jax.tree.map(lambda x: x[:, text:text + 1], case.meta)
+    query_meta = jax.tree.map(lambda x: x[:, text : text + 1], case.meta)
     for route in ("per_head", "shared"):
         options = dict(top_k=3, routing=route)
         expected = op(q, k, v, case.meta, case.meta, case.table, **options)[:, text]
-        step = op(q[:, text:text + 1], k, v, query_meta, case.meta, case.table,
-                  implementation="xla", max_unrouted_tokens=16, **options)
+        step = op(
+            q[:, text : text + 1],
+            k,
+            v,
+            query_meta,
+            case.meta,
+            case.table,
+            implementation="xla",
+            max_unrouted_tokens=16,
+            **options,
+        )
         assert step.dtype == jnp.bfloat16
-        np.testing.assert_allclose(step[:, 0].astype(np.float32), expected.astype(np.float32),
-                                   atol=2e-2)
+        np.testing.assert_allclose(
+            step[:, 0].astype(np.float32), expected.astype(np.float32), atol=2e-2
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Gradients, isolation, padding.
+
 
 def text_loss(case, implementation, weights, descriptors=None):
     text = np.asarray(case.meta.kind) == TokenKind.TEXT
@@ -272,7 +359,8 @@ def test_only_selected_regions_receive_gradient(implementation):
     case = Case([[TextSegment(2), VisualSegment(6, 6), TextSegment(3)]], (2, 2), seed=3)
     weights = jnp.asarray(np.random.default_rng(4).standard_normal(case.q.shape), jnp.float32)
     grad_k, grad_v = jax.grad(text_loss(case, implementation, weights), (0, 1))(
-        case.k, case.v, None)
+        case.k, case.v, None
+    )
     _, selection = case(top_k=1, return_selection=True)
     region = np.asarray(case.meta.region[0])
     chosen = np.zeros((case.num_regions, NUM_KV_HEADS), bool)
@@ -296,9 +384,14 @@ def test_explicit_descriptors_get_no_gradient(implementation):
     assert (grad == 0).all()
 
 
-PADDED = Case([[TextSegment(2), VisualSegment(3, 3), TextSegment(2)],
-               [TextSegment(3), VisualSegment(4, 4), TextSegment(2), VisualSegment(2, 3),
-                TextSegment(5)]], (2, 2), seed=9)
+PADDED = Case(
+    [
+        [TextSegment(2), VisualSegment(3, 3), TextSegment(2)],
+        [TextSegment(3), VisualSegment(4, 4), TextSegment(2), VisualSegment(2, 3), TextSegment(5)],
+    ],
+    (2, 2),
+    seed=9,
+)
 
 
 def test_xla_gradients_equal_the_reference():
@@ -307,6 +400,7 @@ def test_xla_gradients_equal_the_reference():
     def loss(implementation):
         def f(q, k, v):
             return jnp.sum(PADDED(implementation, q=q, k=k, v=v, top_k=2) * weights)
+
         return jax.grad(f, (0, 1, 2))(PADDED.q, PADDED.k, PADDED.v)
 
     for a, b in zip(loss("reference"), loss("xla"), strict=True):
@@ -319,8 +413,9 @@ def test_no_nan_and_padding_rows_are_zero(implementation):
     assert not valid.all()
     out = PADDED(implementation, top_k=2)
     assert np.isfinite(out).all() and (np.asarray(out)[~valid] == 0).all()
-    grads = jax.grad(lambda q, k, v: PADDED(implementation, q=q, k=k, v=v, top_k=2).sum(),
-                     (0, 1, 2))(PADDED.q, PADDED.k, PADDED.v)
+    grads = jax.grad(
+        lambda q, k, v: PADDED(implementation, q=q, k=k, v=v, top_k=2).sum(), (0, 1, 2)
+    )(PADDED.q, PADDED.k, PADDED.v)
     for grad in grads:
         assert np.isfinite(grad).all()
         assert (np.asarray(grad)[~valid] == 0).all()
@@ -328,13 +423,18 @@ def test_no_nan_and_padding_rows_are_zero(implementation):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_context_tokens_do_not_see_other_units(implementation):
-    case = Case([[TextSegment(2), VisualSegment(3, 3), VisualSegment(3, 3), TextSegment(2)]],
-                (2, 2), seed=11)
+    case = Case(
+        [[TextSegment(2), VisualSegment(3, 3), VisualSegment(3, 3), TextSegment(2)]],
+        (2, 2),
+        seed=11,
+    )
     unit, kind = np.asarray(case.meta.unit[0]), np.asarray(case.meta.kind[0])
     others = (unit != 0)[None, :, None, None]
     rng = np.random.default_rng(12)
-    q, k, v = (jnp.where(others, x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32), x)
-               for x in (case.q, case.k, case.v))
+    q, k, v = (
+        jnp.where(others, x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32), x)
+        for x in (case.q, case.k, case.v)
+    )
     context = (unit == 0) & (kind == TokenKind.CONTEXT)
     before = case(implementation, top_k=1)
     after = case(implementation, q=q, k=k, v=v, top_k=1)
@@ -353,5 +453,6 @@ def test_context_tokens_do_not_see_other_units(implementation):
 def test_invalid_options_name_the_key(options, match):
     case = PADDED
     with pytest.raises(ValueError, match=match):
-        functools.partial(gaze_attention, case.q, case.k, case.v, case.meta, case.meta,
-                          case.table)(**options)
+        functools.partial(gaze_attention, case.q, case.k, case.v, case.meta, case.meta, case.table)(
+            **options
+        )

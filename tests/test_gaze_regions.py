@@ -76,8 +76,13 @@ def test_negative_context_tokens_names_the_key():
         build_layout([VisualSegment(4, 4)], (2, 2), -1)
 
 
-SEGMENTS = [TextSegment(3), VisualSegment(5, 4, frames=3), TextSegment(2), VisualSegment(3, 3),
-            TextSegment(4)]
+SEGMENTS = [
+    TextSegment(3),
+    VisualSegment(5, 4, frames=3),
+    TextSegment(2),
+    VisualSegment(3, 3),
+    TextSegment(4),
+]
 
 
 def raster_sequence(segments, num_context):
@@ -88,8 +93,9 @@ def raster_sequence(segments, num_context):
             tokens += [(TokenKind.TEXT, -1, None)] * s.length
             continue
         for f in range(s.frames):
-            tokens += [(TokenKind.VISUAL, unit, (f, y, x))
-                       for y in range(s.height) for x in range(s.width)]
+            tokens += [
+                (TokenKind.VISUAL, unit, (f, y, x)) for y in range(s.height) for x in range(s.width)
+            ]
             tokens += [(TokenKind.CONTEXT, unit, None)] * num_context
             unit += 1
     return tokens
@@ -141,8 +147,9 @@ def test_to_storage_permutes_raster_values():
     layout = build_layout(SEGMENTS, (2, 2), 1, pad_regions=True)
     raster = np.arange(int(layout.position.max()) + 1) + 100
     stored = layout.to_storage(raster)
-    np.testing.assert_array_equal(stored[layout.position >= 0],
-                                  layout.position[layout.position >= 0] + 100)
+    np.testing.assert_array_equal(
+        stored[layout.position >= 0], layout.position[layout.position >= 0] + 100
+    )
     assert (stored[layout.position < 0] == 0).all()
 
 
@@ -160,16 +167,18 @@ def test_batch_layouts_pads_tokens_and_regions():
     long = build_layout(SEGMENTS, (2, 2), 1)
     meta, table = batch_layouts([short, long])
     assert meta.kind.shape == (2, long.length) and table.start.shape == (2, long.num_regions)
-    assert (meta.kind[0, short.length:] == TokenKind.PADDING).all()
-    assert not meta.valid[0, short.length:].any() and meta.valid[1].all()
-    assert (table.length[0, short.num_regions:] == 0).all()
+    assert (meta.kind[0, short.length :] == TokenKind.PADDING).all()
+    assert not meta.valid[0, short.length :].any() and meta.valid[1].all()
+    assert (table.length[0, short.num_regions :] == 0).all()
     assert table.capacity == 4
 
 
 @pytest.mark.parametrize("pad_regions", [False, True])
 def test_region_table_from_metadata_matches_the_layout(pad_regions):
-    layouts = [build_layout(SEGMENTS, (2, 3, 2), 2, pad_regions),
-               build_layout([VisualSegment(3, 4), TextSegment(5)], (2, 3, 2), 2, pad_regions)]
+    layouts = [
+        build_layout(SEGMENTS, (2, 3, 2), 2, pad_regions),
+        build_layout([VisualSegment(3, 4), TextSegment(5)], (2, 3, 2), 2, pad_regions),
+    ]
     meta, table = batch_layouts(layouts)
     computed = jax.jit(region_table, static_argnums=(1, 2))(meta, table.num_regions, 12)
     for name in ("start", "length", "last_position"):

@@ -21,8 +21,9 @@ def random(rng, *shape):
 
 
 def test_descriptors_are_region_means_of_real_tokens():
-    layout = build_layout([TextSegment(2), VisualSegment(5, 5), TextSegment(1)], (2, 2), 1,
-                          pad_regions=True)
+    layout = build_layout(
+        [TextSegment(2), VisualSegment(5, 5), TextSegment(1)], (2, 2), 1, pad_regions=True
+    )
     meta, table = batch_layouts([layout], num_regions=10)  # one unused region slot
     key = random(np.random.default_rng(0), 1, layout.length, 2, 3)
     descriptors = routing.region_descriptors(key, meta, 10)
@@ -42,19 +43,23 @@ def test_descriptors_pass_no_gradient():
 
 def meta_of(kind, position):
     kind, position = jnp.asarray([kind]), jnp.asarray([position])
-    return TokenMeta(kind=kind, unit=jnp.full_like(kind, -1), region=jnp.full_like(kind, -1),
-                     position=position)
+    return TokenMeta(
+        kind=kind, unit=jnp.full_like(kind, -1), region=jnp.full_like(kind, -1), position=position
+    )
 
 
 def test_only_text_queries_route_and_only_to_earlier_regions():
     layout = build_layout([VisualSegment(2, 4), TextSegment(1), VisualSegment(2, 2)], (2, 2), 1)
     _, table = batch_layouts([layout])
     np.testing.assert_array_equal(table.last_position[0], [5, 7, 13])
-    query = meta_of([TokenKind.TEXT, TokenKind.TEXT, TokenKind.TEXT, TokenKind.VISUAL,
-                     TokenKind.PADDING], [9, 13, 15, 20, 20])
+    query = meta_of(
+        [TokenKind.TEXT, TokenKind.TEXT, TokenKind.TEXT, TokenKind.VISUAL, TokenKind.PADDING],
+        [9, 13, 15, 20, 20],
+    )
     allowed = routing.routable(query, table)
-    np.testing.assert_array_equal(allowed[0], [[1, 1, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0],
-                                               [0, 0, 0]])
+    np.testing.assert_array_equal(
+        allowed[0], [[1, 1, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0]]
+    )
 
 
 def test_ties_go_to_the_lowest_region_and_short_supply_is_marked_invalid():
@@ -75,8 +80,9 @@ def test_shared_routing_sums_the_group_scores():
     shared = routing.select_regions(query, descriptors, allowed, top_k=3, routing="shared")
     per_head = routing.select_regions(query, descriptors, allowed, top_k=3, routing="per_head")
     assert shared.region.shape == per_head.region.shape == (2, 3, 4, 3)
-    scores = np.einsum("bqhd,brhd->bqhr", np.asarray(query).reshape(2, 3, 2, 2, 8).sum(3),
-                       np.asarray(descriptors))
+    scores = np.einsum(
+        "bqhd,brhd->bqhr", np.asarray(query).reshape(2, 3, 2, 2, 8).sum(3), np.asarray(descriptors)
+    )
     expected = np.argsort(-scores, axis=-1, kind="stable")[..., :3]
     np.testing.assert_array_equal(shared.region, np.repeat(expected, 2, axis=2))
     assert (shared.region[:, :, 0] == shared.region[:, :, 1]).all()
@@ -97,8 +103,10 @@ def test_invalid_routing_names_the_key():
 
 
 def test_progressive_top_k_falls_from_all_regions_to_the_target():
-    schedule = [routing.progressive_top_k(s, start=128, target=20, decay_steps=1000)
-                for s in range(0, 1300, 50)]
+    schedule = [
+        routing.progressive_top_k(s, start=128, target=20, decay_steps=1000)
+        for s in range(0, 1300, 50)
+    ]
     assert schedule[0] == 128 and schedule[-1] == 20
     assert routing.progressive_top_k(500, start=128, target=20, decay_steps=1000) == 74
     assert all(a >= b for a, b in zip(schedule, schedule[1:], strict=False))

@@ -21,8 +21,13 @@ def features(batch: int, tokens: int, width: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "compress,grid,tokens_out",
-    [(False, None, 36), (True, None, 9), (True, (24, 24), 144), (True, (5, 7), 12),
-     (False, (5, 7), 35)],
+    [
+        (False, None, 36),
+        (True, None, 9),
+        (True, (24, 24), 144),
+        (True, (5, 7), 12),
+        (False, (5, 7), 35),
+    ],
 )
 def test_shapes(compress, grid, tokens_out):
     config = ProjectorConfig(vision_width=8, hidden_size=12, compress=compress)
@@ -70,7 +75,9 @@ def test_compression_conv_corner_against_numpy():
     grid = x.reshape(4, 4, 4)
     corner = np.einsum("hwc,hwco->o", grid[:2, :2], kernel[1:, 1:]) + params["compress"]["bias"]
     _, state = Projector(config).apply(
-        {"params": params}, x, capture_intermediates=lambda m, _: m.name == "compress",
+        {"params": params},
+        x,
+        capture_intermediates=lambda m, _: m.name == "compress",
         mutable=["intermediates"],
     )
     got = np.asarray(state["intermediates"]["compress"]["__call__"][0])
@@ -83,11 +90,14 @@ def test_grid_errors_and_axis_names():
         init(config, features(1, 12, 4))
     with pytest.raises(ValueError, match="does not hold"):
         init(config, features(1, 12, 4), (3, 5))
-    specs = nn.get_partition_spec(
-        Projector(config).init(jax.random.key(0), features(1, 16, 4))
-    )["params"]
+    specs = nn.get_partition_spec(Projector(config).init(jax.random.key(0), features(1, 16, 4)))[
+        "params"
+    ]
     assert tuple(specs["fc1"]["kernel"]) == ("embed", "mlp")
     assert tuple(specs["fc2"]["kernel"]) == ("mlp", "embed")
     assert tuple(specs["compress"]["kernel"]) == (
-        "patch_height", "patch_width", "channels", "embed"
+        "patch_height",
+        "patch_width",
+        "channels",
+        "embed",
     )

@@ -19,8 +19,11 @@ def turns(*values: str) -> list[dict[str, str]]:
 
 GOOD = [
     {"id": "one", "image": "a.jpg", "conversations": turns("<image>\nwhat?", "red")},
-    {"id": 2, "image": ["a.jpg", "b.png"],
-     "conversations": turns("<image> and <image>", "same", "again?", "no")},
+    {
+        "id": 2,
+        "image": ["a.jpg", "b.png"],
+        "conversations": turns("<image> and <image>", "same", "again?", "no"),
+    },
     {"id": "clip", "video": "clip.mp4", "conversations": turns("<video>\nwhat came first?", "x")},
     {"id": "frames", "video": "frames/", "conversations": turns("<image> what?", "y")},
     {"conversations": turns("text only", "ok")},
@@ -37,9 +40,7 @@ def test_jsonl_reads_records_at_their_lines_and_skips_blank_lines(tmp_path):
     write_jsonl(path, [GOOD[0], "", "  \t", GOOD[1], GOOD[2], GOOD[3], GOOD[4]])
     records = RecordFile(path)
     assert len(records) == 5
-    assert [str(records.location(i)) for i in range(5)] == [
-        f"{path}:{n}" for n in (1, 4, 5, 6, 7)
-    ]
+    assert [str(records.location(i)) for i in range(5)] == [f"{path}:{n}" for n in (1, 4, 5, 6, 7)]
     first, two, clip, frames, text = (records[i] for i in range(5))
     assert (first.id, first.images, first.video) == ("one", ("a.jpg",), None)
     assert (two.id, two.images) == ("2", ("a.jpg", "b.png"))
@@ -55,7 +56,8 @@ def test_jsonl_reads_crlf_and_a_last_line_without_newline(tmp_path):
     path.write_bytes(json.dumps(GOOD[0]).encode() + b"\r\n" + json.dumps(GOOD[4]).encode())
     records = RecordFile(path)
     assert [records[i].conversations for i in range(2)] == [
-        GOOD[0]["conversations"], GOOD[4]["conversations"]
+        GOOD[0]["conversations"],
+        GOOD[4]["conversations"],
     ]
 
 
@@ -65,7 +67,11 @@ def test_json_list_reads_the_same_records(tmp_path):
     records = RecordFile(path)
     assert len(records) == len(GOOD)
     assert [records[i].images for i in range(len(GOOD))] == [
-        ("a.jpg",), ("a.jpg", "b.png"), (), (), ()
+        ("a.jpg",),
+        ("a.jpg", "b.png"),
+        (),
+        (),
+        (),
     ]
     assert str(records.location(2)) == f"{path}[2]"
     with pytest.raises(IndexError):
@@ -78,21 +84,39 @@ BAD = [  # (line, kind, message fragment)
     ({"id": 1, "image": "a.jpg"}, "record", "missing 'conversations'"),
     ({"conversations": "hi"}, "record", "'conversations' is not a list"),
     ({"image": 3, "conversations": turns("<image>", "x")}, "record", "'image' is neither"),
-    ({"image": ["a.jpg", 7], "conversations": turns("<image><image>", "x")}, "record",
-     "'image' is neither"),
+    (
+        {"image": ["a.jpg", 7], "conversations": turns("<image><image>", "x")},
+        "record",
+        "'image' is neither",
+    ),
     ({"video": ["a.mp4"], "conversations": turns("<video>", "x")}, "record", "'video' is not"),
-    ({"image": "a.jpg", "video": "b.mp4", "conversations": turns("<image>", "x")}, "record",
-     "not both"),
-    ({"image": ["a.jpg", "b.jpg"], "conversations": turns("<image> one", "x")}, "placeholder",
-     "1 <image> and 0 <video> placeholder(s) for 2 image(s)"),
+    (
+        {"image": "a.jpg", "video": "b.mp4", "conversations": turns("<image>", "x")},
+        "record",
+        "not both",
+    ),
+    (
+        {"image": ["a.jpg", "b.jpg"], "conversations": turns("<image> one", "x")},
+        "placeholder",
+        "1 <image> and 0 <video> placeholder(s) for 2 image(s)",
+    ),
     ({"conversations": turns("<image> where?", "x")}, "placeholder", "for 0 image(s)"),
     ({"image": "a.jpg", "conversations": turns("<video>", "x")}, "placeholder", "1 <video>"),
-    ({"video": "a.mp4", "conversations": turns("<video> <image>", "x")}, "placeholder",
-     "2 placeholder(s)"),
-    ({"video": "a.mp4", "conversations": turns("no placeholder", "x")}, "placeholder",
-     "0 placeholder(s)"),
-    ({"image": "a.jpg", "conversations": turns("q", "<image>")}, "placeholder",
-     "assistant (gpt) turn"),
+    (
+        {"video": "a.mp4", "conversations": turns("<video> <image>", "x")},
+        "placeholder",
+        "2 placeholder(s)",
+    ),
+    (
+        {"video": "a.mp4", "conversations": turns("no placeholder", "x")},
+        "placeholder",
+        "0 placeholder(s)",
+    ),
+    (
+        {"image": "a.jpg", "conversations": turns("q", "<image>")},
+        "placeholder",
+        "assistant (gpt) turn",
+    ),
     ({"image": "a.jpg", "conversations": turns("<image> q")}, "conversation", "no assistant"),
     ({"conversations": [{"from": "gpt", "value": "a"}]}, "conversation", "expected 'human'"),
 ]
@@ -152,18 +176,29 @@ def test_data_error_pickles_whole():
     error = DataError("bad", "f.jsonl", 3, None, "image")
     back = pickle.loads(pickle.dumps(error))
     assert (str(back), back.path, back.line, back.index, back.kind, back.reason) == (
-        "f.jsonl:3: bad", "f.jsonl", 3, None, "image", "bad"
+        "f.jsonl:3: bad",
+        "f.jsonl",
+        3,
+        None,
+        "image",
+        "bad",
     )
 
 
 # --- Property: any line reads as a record or raises DataError, never anything else ------------
 
-_TEXT = st.text(st.characters(blacklist_characters="<\n\r", blacklist_categories=("Cs",)),
-                max_size=12)
+_TEXT = st.text(
+    st.characters(blacklist_characters="<\n\r", blacklist_categories=("Cs",)), max_size=12
+)
 _RECORDS = st.builds(
-    lambda q, a, n: {"id": q, "image": [f"{i}.jpg" for i in range(n)],
-                     "conversations": turns("<image>" * n + q, a)},
-    _TEXT, _TEXT, st.integers(0, 3),
+    lambda q, a, n: {
+        "id": q,
+        "image": [f"{i}.jpg" for i in range(n)],
+        "conversations": turns("<image>" * n + q, a),
+    },
+    _TEXT,
+    _TEXT,
+    st.integers(0, 3),
 )
 _LINES = st.one_of(
     st.tuples(st.just("good"), _RECORDS),
@@ -173,8 +208,9 @@ _LINES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(_LINES, max_size=8))
 def test_jsonl_reader_never_fails_but_with_data_error(tmp_path, lines):
     raw, expected = [], []  # expected: (line number, record or None) for non-blank lines

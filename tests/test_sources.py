@@ -33,8 +33,11 @@ def turns(*values: str) -> list[dict[str, str]]:
 
 RECORDS = [
     {"id": "red", "image": "red.png", "conversations": turns("<image>\nwhat color?", "red")},
-    {"id": "two", "image": ["red.png", "sub/blue.jpg"],
-     "conversations": turns("<image> left of <image>?", "yes")},
+    {
+        "id": "two",
+        "image": ["red.png", "sub/blue.jpg"],
+        "conversations": turns("<image> left of <image>?", "yes"),
+    },
     {"id": "clip", "video": "clip.mp4", "conversations": turns("<video>\nwhat?", "one")},
     {"id": "frames", "video": "frames", "conversations": turns("<image> how many?", "two")},
     {"id": "text", "conversations": turns("hi", "hello")},
@@ -93,14 +96,26 @@ def test_video_root_is_separate_from_image_root(root, tmp_path_factory):
 
 
 BAD = [  # (record, kind, what the message names)
-    ({"id": "gone", "image": "missing.png", "conversations": turns("<image>", "a")},
-     "image", "missing.png"),
-    ({"id": "junk", "image": "junk.jpg", "conversations": turns("<image>", "a")},
-     "image", "junk.jpg"),
-    ({"id": "novid", "video": "nope.mp4", "conversations": turns("<video>", "a")},
-     "video", "nope.mp4"),
-    ({"id": "count", "image": "red.png", "conversations": turns("no placeholder", "a")},
-     "placeholder", "for 1 image"),
+    (
+        {"id": "gone", "image": "missing.png", "conversations": turns("<image>", "a")},
+        "image",
+        "missing.png",
+    ),
+    (
+        {"id": "junk", "image": "junk.jpg", "conversations": turns("<image>", "a")},
+        "image",
+        "junk.jpg",
+    ),
+    (
+        {"id": "novid", "video": "nope.mp4", "conversations": turns("<video>", "a")},
+        "video",
+        "nope.mp4",
+    ),
+    (
+        {"id": "count", "image": "red.png", "conversations": turns("no placeholder", "a")},
+        "placeholder",
+        "for 1 image",
+    ),
 ]
 
 
@@ -151,8 +166,12 @@ def test_check_length_counts_the_slots_that_packing_lays_out(root):
     items = to_items(example, TOKENIZER)
     text = sum(len(i.ids) for i in items if isinstance(i, Text))
     grid, context = 4, 1  # a 2 x 2 unit grid with one context token
-    segments = [TextSegment(len(i.ids)) if isinstance(i, Text)
-                else VisualSegment(2, 2, frames=len(i.frames)) for i in items]
+    segments = [
+        TextSegment(len(i.ids))
+        if isinstance(i, Text)
+        else VisualSegment(2, 2, frames=len(i.frames))
+        for i in items
+    ]
     slots = build_layout(segments, (1, 1), context).length
     assert slots == text + 3 * (grid + context)
     check_length(items, example, max_length=slots, tokens_per_unit=grid + context, max_units=3)
@@ -166,16 +185,27 @@ def test_check_length_counts_the_slots_that_packing_lays_out(root):
 def test_too_long_samples_are_skipped_and_counted(root):
     path = root / "data.jsonl"
     write_jsonl(path, [RECORDS[4], RECORDS[2]])
-    source = ConversationSource(path, root, image_size=SIZE, max_frames=3, tokenizer=TOKENIZER,
-                                max_length=60, tokens_per_unit=20, skip_bad_samples=True)
+    source = ConversationSource(
+        path,
+        root,
+        image_size=SIZE,
+        max_frames=3,
+        tokenizer=TOKENIZER,
+        max_length=60,
+        tokens_per_unit=20,
+        skip_bad_samples=True,
+    )
     assert source[0] is not None and source[1] is None
     assert source.skipped == {"too_long": 1}
 
 
 def test_to_items_names_the_record_when_visuals_and_placeholders_differ():
-    example = {"id": "x", "location": Location("d.jsonl", line=4),
-               "conversations": turns("<image>", "a"),
-               "visuals": [np.zeros((1, SIZE, SIZE, 3), np.float32)] * 2}
+    example = {
+        "id": "x",
+        "location": Location("d.jsonl", line=4),
+        "conversations": turns("<image>", "a"),
+        "visuals": [np.zeros((1, SIZE, SIZE, 3), np.float32)] * 2,
+    }
     with pytest.raises(DataError, match=r"^d.jsonl:4: record 'x': 1 placeholder") as info:
         to_items(example, TOKENIZER)
     assert info.value.kind == "placeholder"
@@ -183,8 +213,11 @@ def test_to_items_names_the_record_when_visuals_and_placeholders_differ():
 
 def test_setup_errors_are_value_errors_at_construction(root):
     write_jsonl(root / "data.jsonl", RECORDS)
-    for kwargs in ({"image_size": 0, "max_frames": 1}, {"image_size": 8, "max_frames": 0},
-                   {"image_size": 8, "max_frames": 1, "fps": 0}):
+    for kwargs in (
+        {"image_size": 0, "max_frames": 1},
+        {"image_size": 8, "max_frames": 0},
+        {"image_size": 8, "max_frames": 1, "fps": 0},
+    ):
         with pytest.raises(ValueError, match="need image_size"):
             ConversationSource(root / "data.jsonl", root, **kwargs)
 
@@ -194,8 +227,12 @@ def test_a_tokenizer_without_image_token_is_a_setup_error_not_a_data_error(root)
     from tokenizers.models import WordLevel
 
     plain = Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>"))
-    example = {"id": "x", "location": None, "conversations": turns("<image>", "a"),
-               "visuals": [np.zeros((1, SIZE, SIZE, 3), np.float32)]}
+    example = {
+        "id": "x",
+        "location": None,
+        "conversations": turns("<image>", "a"),
+        "visuals": [np.zeros((1, SIZE, SIZE, 3), np.float32)],
+    }
     with pytest.raises(ValueError, match="no '<image>' token") as info:
         to_items(example, plain)
     assert not isinstance(info.value, DataError)
@@ -226,12 +263,17 @@ def test_shuffling_is_deterministic_by_seed_and_differs_across_seeds(text_source
 
 
 def test_host_shards_are_disjoint_and_cover_every_record(text_source):
-    shards = [ids(host_dataset(text_source, seed=0, process_index=p, process_count=3))
-              for p in range(3)]
+    shards = [
+        ids(host_dataset(text_source, seed=0, process_index=p, process_count=3)) for p in range(3)
+    ]
     assert [len(s) for s in shards] == [4, 3, 3]
     assert sorted(sum(shards, [])) == list(range(10))
-    even = [ids(host_dataset(text_source, seed=0, process_index=p, process_count=3,
-                             drop_remainder=True)) for p in range(3)]
+    even = [
+        ids(
+            host_dataset(text_source, seed=0, process_index=p, process_count=3, drop_remainder=True)
+        )
+        for p in range(3)
+    ]
     assert [len(s) for s in even] == [3, 3, 3] and len(set(sum(even, []))) == 9
     with pytest.raises(ValueError, match="process_index"):
         host_dataset(text_source, seed=0, process_index=3, process_count=3)
@@ -243,8 +285,7 @@ def test_epochs_reshuffle_and_each_covers_the_shard(text_source):
     epochs = [order[i : i + 5] for i in range(0, 15, 5)]
     assert all(sorted(e) == [1, 3, 5, 7, 9] for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1
-    forever = host_dataset(text_source, seed=1, num_epochs=None, process_index=1,
-                           process_count=2)
+    forever = host_dataset(text_source, seed=1, num_epochs=None, process_index=1, process_count=2)
     assert [int(forever[i]["id"]) for i in range(15)] == order
 
 

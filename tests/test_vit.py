@@ -57,7 +57,8 @@ def test_variants():
     assert vit_config("L/16", image_size=384).grid == 24
     shapes = jax.eval_shape(
         VisionTransformer(dataclasses.replace(so400m, scan=True)).init,
-        jax.random.key(0), jax.ShapeDtypeStruct((1, 384, 384, 3), jnp.float32),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 384, 384, 3), jnp.float32),
     )
     shapes = nn.unbox(shapes["params"])
     assert shapes["embedding"]["kernel"].shape == (16, 16, 3, 1152)
@@ -120,8 +121,11 @@ def test_scan_and_remat_match_loop(params, pixels):
         np.testing.assert_allclose(got, out, atol=1e-5)
         np.testing.assert_allclose(got_inter["pooled"][0], inter["pooled"][0], atol=1e-5)
         for i in range(CONFIG.depth):
-            block = (got_inter["layers"]["out"][0][i] if config.scan
-                     else got_inter[f"layers_{i}"]["out"][0])
+            block = (
+                got_inter["layers"]["out"][0][i]
+                if config.scan
+                else got_inter[f"layers_{i}"]["out"][0]
+            )
             np.testing.assert_allclose(block, inter[f"layers_{i}"]["out"][0], atol=1e-5)
 
 

@@ -8,15 +8,18 @@ sequence. Restarting at step ``s`` therefore reproduces the data exactly, with n
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import tokenizers
 
 from gazejax.data.packing import Text, Visual, pack_batch
 from gazejax.data.pipeline import example_items
-from gazejax.data.synthetic import SyntheticConfig, SyntheticVQA, to_conversation
+from gazejax.data.records import DataError
+from gazejax.data.sources import ConversationSource, host_dataset
+from gazejax.data.synthetic import TASKS, SyntheticConfig, SyntheticVQA, to_conversation
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs
 
 Example = tuple[list[Text | Visual], Mapping[str, Any]]  # items, and info for evaluation
@@ -31,15 +34,29 @@ class BatchShape:
     num_regions: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A stream of examples of similar size, packed to one static shape.
+
+    Each step draws one bucket (with probability proportional to ``weight``), so images are not
+    padded to the length of videos and each bucket's shape compiles once.
+    """
+
+    name: str
+    example: Callable[[int], Example]
+    shape: BatchShape
+    weight: float = 1.0
+
+
 class Batches:
     """``batches(step) -> (inputs, targets, infos)`` for this host's share of the batch."""
 
     def __init__(
         self,
-        example: Callable[[int], Example],
+        buckets: Sequence[Bucket],
         global_batch_size: int,
         model_config: MultimodalConfig,
-        shape: BatchShape,
+        seed: int = 0,
         pad_id: int = 0,
         process_index: int = 0,
         process_count: int = 1,
@@ -49,26 +66,36 @@ class Batches:
                 f"batch_size ({global_batch_size}) must be divisible by the number of "
                 f"processes ({process_count})"
             )
-        self.example = example
+        self.buckets = [b for b in buckets if b.weight > 0]
+        if not self.buckets:
+            raise ValueError("no bucket with a positive weight")
+        weights = np.array([b.weight for b in self.buckets], np.float64)
+        self.probabilities = weights / weights.sum()
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.model_config = model_config
-        self.shape = shape
+        self.seed = seed
         self.pad_id = pad_id
         self.offset = process_index * self.local_batch_size
+
+    def bucket(self, step: int) -> Bucket:
+        """The bucket of ``step`` (the same on every host)."""
+        rng = np.random.default_rng([self.seed, step])
+        return self.buckets[rng.choice(len(self.buckets), p=self.probabilities)]
 
     def indices(self, step: int) -> range:
         start = step * self.global_batch_size + self.offset
         return range(start, start + self.local_batch_size)
 
     def __call__(self, step: int) -> tuple[MultimodalInputs, jax.Array, list[Mapping[str, Any]]]:
-        examples = [self.example(i) for i in self.indices(step)]
+        bucket = self.bucket(step)
+        examples = [bucket.example(i) for i in self.indices(step)]
         inputs, targets = pack_batch(
             [items for items, _ in examples],
             self.model_config,
-            self.shape.length,
-            self.shape.max_units,
-            self.shape.num_regions,
+            bucket.shape.length,
+            bucket.shape.max_units,
+            bucket.shape.num_regions,
             self.pad_id,
         )
         return inputs, targets, [info for _, info in examples]
@@ -92,3 +119,79 @@ def synthetic_examples(
         return items, {"task": record["task"], "family": record["family"]}
 
     return example
+
+
+def synthetic_buckets(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, Mapping[str, int]],
+    split: str,
+    seed: int,
+    tokenizer: tokenizers.Tokenizer,
+    system_prompt: str,
+) -> list[Bucket]:
+    """Two buckets of the synthetic set: image questions and video questions.
+
+    Args:
+      config: :class:`SyntheticConfig` fields, ``tasks`` (name -> weight) included.
+      shapes: ``{"image": {length, max_units, num_regions}, "video": {...}}``.
+    """
+    config = dict(config)
+    tasks = dict(config.pop("tasks"))
+    buckets = []
+    for name in ("image", "video"):
+        chosen = {t: w for t, w in tasks.items() if (TASKS[t][0] == "video") == (name == "video")}
+        if sum(chosen.values()) <= 0:
+            continue
+        example = synthetic_examples(
+            {**config, "tasks": chosen}, split, seed, tokenizer, system_prompt
+        )
+        shape = BatchShape(**dict(shapes[name]))
+        buckets.append(Bucket(name, example, shape, weight=sum(chosen.values())))
+    return buckets
+
+
+def jsonl_buckets(
+    data: Mapping[str, Any],
+    split: str,
+    seed: int,
+    tokenizer: tokenizers.Tokenizer,
+    model_config: MultimodalConfig,
+) -> tuple[list[Bucket], ConversationSource]:
+    """One bucket over a LLaVA / Cambrian JSON(L) file, shuffled by ``seed``, repeated forever.
+
+    ``data`` is the config's data section: ``jsonl.{train, eval, image_root, video_root,
+    max_frames, max_skips}``, ``buckets.all``, ``system_prompt``, ``skip_bad_samples``. A skipped
+    (bad) record is replaced by the next good one; the source's ``skipped`` counter says how
+    many were skipped and why.
+
+    Returns:
+      The bucket, and the source (for its skip counts).
+    """
+    spec = data["jsonl"]
+    shape = BatchShape(**dict(data["buckets"]["all"]))
+    source = ConversationSource(
+        spec[split],
+        spec["image_root"],
+        image_size=model_config.vit.image_size,
+        max_frames=spec["max_frames"],
+        video_root=spec["video_root"] or None,
+        skip_bad_samples=data["skip_bad_samples"],
+        tokenizer=tokenizer,
+        system_prompt=data["system_prompt"],
+        max_length=shape.length,
+        tokens_per_unit=model_config.tokens_per_unit + model_config.num_context_tokens,
+        max_units=shape.max_units,
+    )
+    dataset = host_dataset(source, seed=seed, num_epochs=None, process_index=0, process_count=1)
+
+    def example(index: int) -> Example:
+        for attempt in range(spec["max_skips"] + 1):
+            record = dataset[index + attempt]
+            if record is not None:
+                return record["items"], {"task": spec.get("task", "jsonl"), "id": record["id"]}
+        raise DataError(
+            f"{spec['max_skips'] + 1} bad records in a row from shuffled index {index}",
+            spec[split],
+        )
+
+    return [Bucket("all", example, shape)], source

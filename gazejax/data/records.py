@@ -52,7 +52,11 @@ class DataError(ValueError):
         kind: str = "record",
     ):
         self.reason, self.path, self.line, self.index, self.kind = (
-            reason, str(path), line, index, kind
+            reason,
+            str(path),
+            line,
+            index,
+            kind,
         )
         super().__init__(f"{Location(str(path), line, index)}: {reason}")
 
@@ -160,13 +164,17 @@ def _load_list(path: pathlib.Path) -> list[Any]:
         with open(path, "rb") as f:
             value = json.load(f)
     except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, exc.lineno,
-                        kind="json") from exc
+        raise DataError(
+            f"malformed JSON: {exc.msg} (column {exc.colno})", path, exc.lineno, kind="json"
+        ) from exc
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, nesting too deep
         raise DataError(f"malformed JSON: {exc}", path, kind="json") from exc
     if not isinstance(value, list):
-        raise DataError(f"a .json file must hold a list of records, got {type(value).__name__}",
-                        path, kind="json")
+        raise DataError(
+            f"a .json file must hold a list of records, got {type(value).__name__}",
+            path,
+            kind="json",
+        )
     return value
 
 
@@ -184,8 +192,11 @@ def parse_record(value: Any, where: Location) -> Record:
         raise error(f"record is not a JSON object: {type(value).__name__}")
     conversations = value.get("conversations")
     if not isinstance(conversations, list):
-        raise error("missing 'conversations' (a list of turns)"
-                    if conversations is None else "'conversations' is not a list")
+        raise error(
+            "missing 'conversations' (a list of turns)"
+            if conversations is None
+            else "'conversations' is not a list"
+        )
     try:
         chatml_pieces(conversations)
     except ConversationError as exc:
@@ -208,11 +219,17 @@ def parse_record(value: Any, where: Location) -> Record:
     text = "".join(turn["value"] for turn in conversations)
     num_image, num_video = text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN)
     if video is None and (num_video or num_image != len(images)):
-        raise error(f"{num_image} {IMAGE_TOKEN} and {num_video} {VIDEO_TOKEN} placeholder(s) "
-                    f"for {len(images)} image(s)", "placeholder")
+        raise error(
+            f"{num_image} {IMAGE_TOKEN} and {num_video} {VIDEO_TOKEN} placeholder(s) "
+            f"for {len(images)} image(s)",
+            "placeholder",
+        )
     if video is not None and num_image + num_video != 1:
-        raise error(f"{num_image + num_video} placeholder(s) ({IMAGE_TOKEN} or {VIDEO_TOKEN}) "
-                    "for 1 video: want exactly one", "placeholder")
+        raise error(
+            f"{num_image + num_video} placeholder(s) ({IMAGE_TOKEN} or {VIDEO_TOKEN}) "
+            "for 1 video: want exactly one",
+            "placeholder",
+        )
     return Record(
         id=str(value.get("id", where)),
         conversations=[

@@ -70,8 +70,10 @@ class ConversationSource:
         max_units: int | None = None,
     ):
         if image_size < 1 or max_frames < 1 or fps <= 0:
-            raise ValueError(f"need image_size >= 1, max_frames >= 1 and fps > 0, got "
-                             f"{image_size}, {max_frames} and {fps}")
+            raise ValueError(
+                f"need image_size >= 1, max_frames >= 1 and fps > 0, got "
+                f"{image_size}, {max_frames} and {fps}"
+            )
         self.records = RecordFile(records_path)
         self.image_root = pathlib.Path(image_root)
         self.video_root = self.image_root if video_root is None else pathlib.Path(video_root)
@@ -79,7 +81,9 @@ class ConversationSource:
         self.skip_bad_samples = skip_bad_samples
         self.tokenizer, self.system_prompt = tokenizer, system_prompt
         self.max_length, self.tokens_per_unit, self.max_units = (
-            max_length, tokens_per_unit, max_units
+            max_length,
+            tokens_per_unit,
+            max_units,
         )
         self.skipped: collections.Counter[str] = collections.Counter()
 
@@ -104,12 +108,17 @@ class ConversationSource:
         record = self.records[index]
         try:
             if record.video is not None:
-                frames, _ = read_video(self.video_root / record.video, image_size=self.image_size,
-                                       max_frames=self.max_frames, fps=self.fps)
+                frames, _ = read_video(
+                    self.video_root / record.video,
+                    image_size=self.image_size,
+                    max_frames=self.max_frames,
+                    fps=self.fps,
+                )
                 visuals = [frames]
             else:
-                visuals = [read_image(self.image_root / p, self.image_size)[None]
-                           for p in record.images]
+                visuals = [
+                    read_image(self.image_root / p, self.image_size)[None] for p in record.images
+                ]
         except DataError as error:  # an image or video: add the record that names it
             raise record.location.error(f"record {record.id!r}: {error}", error.kind) from error
         example = {
@@ -121,8 +130,13 @@ class ConversationSource:
         if self.tokenizer is not None:
             items = to_items(example, self.tokenizer, self.system_prompt)
             if self.max_length is not None or self.max_units is not None:
-                check_length(items, example, max_length=self.max_length,
-                             tokens_per_unit=self.tokens_per_unit, max_units=self.max_units)
+                check_length(
+                    items,
+                    example,
+                    max_length=self.max_length,
+                    tokens_per_unit=self.tokens_per_unit,
+                    max_units=self.max_units,
+                )
             example["items"] = items
         return example
 
@@ -141,8 +155,9 @@ def to_items(
     if tokenizer.token_to_id(IMAGE_TOKEN) is None:
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token")
     try:
-        return example_items(example["conversations"], example["visuals"], tokenizer,
-                             IMAGE_TOKEN, system_prompt)
+        return example_items(
+            example["conversations"], example["visuals"], tokenizer, IMAGE_TOKEN, system_prompt
+        )
     except ValueError as exc:
         raise _record_error(example, str(exc), "placeholder") from exc
 
@@ -165,8 +180,12 @@ def check_length(
     units = sum(len(item.frames) for item in items if isinstance(item, Visual))
     slots = text + units * tokens_per_unit
     if max_length is not None and slots > max_length:
-        raise _record_error(example, f"{slots} slots ({text} text tokens + {units} frame(s) x "
-                            f"{tokens_per_unit}) > max_length={max_length}", "too_long")
+        raise _record_error(
+            example,
+            f"{slots} slots ({text} text tokens + {units} frame(s) x "
+            f"{tokens_per_unit}) > max_length={max_length}",
+            "too_long",
+        )
     if max_units is not None and units > max_units:
         raise _record_error(example, f"{units} frame(s) > max_units={max_units}", "too_long")
 
@@ -214,4 +233,3 @@ def skip_summary(skipped: Mapping[str, int]) -> str:
     total = sum(skipped.values())
     kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(skipped.items()))
     return f"{total} skipped ({kinds})" if total else "0 skipped"
-

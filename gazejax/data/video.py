@@ -64,11 +64,13 @@ def read_video(
         raise ValueError(f"need max_frames >= 1 and fps > 0, got {max_frames} and {fps}")
     path = pathlib.Path(path)
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES),
-                       key=_natural_key)
+        files = sorted(
+            (p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key
+        )
         if not files:
-            raise DataError(f"no frames ({', '.join(FRAME_SUFFIXES)}) in the folder", path,
-                            kind="video")
+            raise DataError(
+                f"no frames ({', '.join(FRAME_SUFFIXES)}) in the folder", path, kind="video"
+            )
         index = uniform_indices(len(files), max_frames)
         frames = [preprocess(load_image(files[i]), image_size) for i in index]
         return np.stack(frames), index / fps
@@ -79,9 +81,13 @@ def read_video(
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             times = sample_times(_duration(container, stream), max_frames, fps)
-            frames, times = zip(*((preprocess(frame.to_image(), image_size), time)
-                                  for frame, time in _frames_at(container, stream, times)),
-                                strict=True)
+            frames, times = zip(
+                *(
+                    (preprocess(frame.to_image(), image_size), time)
+                    for frame, time in _frames_at(container, stream, times)
+                ),
+                strict=True,
+            )
     except DataError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
@@ -100,8 +106,9 @@ def _duration(container: av.container.InputContainer, stream: av.VideoStream) ->
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
         return container.duration / av.time_base
-    end = max((p.pts + (p.duration or 0) for p in container.demux(stream) if p.pts is not None),
-              default=0)
+    end = max(
+        (p.pts + (p.duration or 0) for p in container.demux(stream) if p.pts is not None), default=0
+    )
     container.seek(0)
     return float((end - (stream.start_time or 0)) * stream.time_base)
 

@@ -183,10 +183,12 @@ def build_layout(
         frame_len = height * width + num_context_tokens
         for clip_start in range(0, frames, size.frames):
             clip = range(clip_start, min(clip_start + size.frames, frames))
-            tokens = np.concatenate([local[f * height * width : (f + 1) * height * width]
-                                     for f in clip])
-            raster = np.concatenate([position + (f - clip_start) * frame_len
-                                     + np.arange(height * width) for f in clip])
+            tokens = np.concatenate(
+                [local[f * height * width : (f + 1) * height * width] for f in clip]
+            )
+            raster = np.concatenate(
+                [position + (f - clip_start) * frame_len + np.arange(height * width) for f in clip]
+            )
             order = np.argsort(tokens, kind="stable")
             tokens, raster = tokens[order], raster[order]
             units = num_units + (raster - position) // frame_len
@@ -197,16 +199,30 @@ def build_layout(
             columns.append((kind, units, region, raster))
             for i, f in enumerate(clip):
                 context = position + (f - clip_start) * frame_len + height * width
-                columns.append(_column(num_context_tokens, TokenKind.CONTEXT, num_units + i, -1,
-                                       context + np.arange(num_context_tokens)))
+                columns.append(
+                    _column(
+                        num_context_tokens,
+                        TokenKind.CONTEXT,
+                        num_units + i,
+                        -1,
+                        context + np.arange(num_context_tokens),
+                    )
+                )
             position += len(clip) * frame_len
             num_units += len(clip)
         num_regions += count
     kind, unit, region, pos = (
         np.concatenate(c).astype(np.int32) for c in zip(*columns, strict=True)
     )
-    return SequenceLayout(kind, unit, region, pos, *_region_extents(region, pos, num_regions),
-                          region_capacity=capacity, num_units=num_units)
+    return SequenceLayout(
+        kind,
+        unit,
+        region,
+        pos,
+        *_region_extents(region, pos, num_regions),
+        region_capacity=capacity,
+        num_units=num_units,
+    )
 
 
 def _column(n: int, kind: int, unit: int, region: int, position: np.ndarray) -> tuple:
@@ -297,15 +313,19 @@ def batch_layouts(
         raise ValueError(f"a layout exceeds length={length} or num_regions={num_regions}")
 
     def stack(name: str, size: int, fill: int) -> jax.Array:
-        rows = [np.pad(getattr(x, name), (0, size - getattr(x, name).shape[0]),
-                       constant_values=fill) for x in layouts]
+        rows = [
+            np.pad(getattr(x, name), (0, size - getattr(x, name).shape[0]), constant_values=fill)
+            for x in layouts
+        ]
         return jnp.asarray(np.stack(rows), jnp.int32)
 
     meta = TokenMeta(*(stack(n, length, -1) for n in ("kind", "unit", "region", "position")))
-    table = RegionTable(stack("region_start", num_regions, 0),
-                        stack("region_length", num_regions, 0),
-                        stack("region_last_position", num_regions, -1),
-                        capacity=max(x.region_capacity for x in layouts))
+    table = RegionTable(
+        stack("region_start", num_regions, 0),
+        stack("region_length", num_regions, 0),
+        stack("region_last_position", num_regions, -1),
+        capacity=max(x.region_capacity for x in layouts),
+    )
     return meta, table
 
 

@@ -150,7 +150,10 @@ def progressive_top_k(step: int, *, start: int, target: int, decay_steps: int) -
 
 
 def gaze_kv_size(
-    top_k: int, region_size: int, num_context_tokens: int, num_units: int,
+    top_k: int,
+    region_size: int,
+    num_context_tokens: int,
+    num_units: int,
     num_regions: int | None = None,
 ) -> int:
     """Visual KV entries one text query attends to: ``K·m + |C|·U``.

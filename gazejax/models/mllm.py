@@ -10,6 +10,7 @@ their own unit (DESIGN.md §2). The decoder's attention is ``config.decoder.atte
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import flax.struct
@@ -94,6 +95,28 @@ class MultimodalInputs:
     context_index: jax.Array
     meta: TokenMeta
     regions: RegionTable
+
+    @classmethod
+    def abstract(
+        cls, config: MultimodalConfig, batch: int, length: int, max_units: int, num_regions: int
+    ) -> MultimodalInputs:
+        """Shapes and dtypes only (``jax.ShapeDtypeStruct``), e.g. for ``jax.eval_shape``."""
+        size = config.vit.image_size
+
+        def ints(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+        return cls(
+            input_ids=ints(batch, length),
+            units=jax.ShapeDtypeStruct((batch, max_units, size, size, 3), jnp.float32),
+            visual_index=ints(batch, length),
+            context_index=ints(batch, length),
+            meta=TokenMeta(*(ints(batch, length) for _ in range(4))),
+            regions=RegionTable(
+                *(ints(batch, num_regions) for _ in range(3)),
+                capacity=math.prod(config.region_size),
+            ),
+        )
 
 
 class MultimodalModel(nn.Module):

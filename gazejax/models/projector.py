@@ -1,7 +1,7 @@
 """Vision -> language projector: optional 3x3 stride-2 token compression, then a 2-layer MLP.
 
-    projector = Projector(ProjectorConfig(vision_width=1152, hidden_size=2560, compress=True))
-    tokens = projector.apply({"params": params}, features, grid=(24, 24))  # [b, 144, 2560]
+projector = Projector(ProjectorConfig(vision_width=1152, hidden_size=2560, compress=True))
+tokens = projector.apply({"params": params}, features, grid=(24, 24))  # [b, 144, 2560]
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ class Projector(nn.Module):
         x = jnp.asarray(x, cfg.dtype)
         if cfg.compress:
             x = nn.Conv(
-                cfg.vision_width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                cfg.vision_width,
+                (3, 3),
+                strides=(2, 2),
+                padding=((1, 1), (1, 1)),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
                 kernel_init=nn.with_logical_partitioning(
                     nn.initializers.lecun_normal(),
                     ("patch_height", "patch_width", "channels", "embed"),
@@ -84,8 +88,12 @@ class Projector(nn.Module):
             )(x.reshape(batch, h, w, cfg.vision_width))
             x = x.reshape(batch, -1, cfg.vision_width)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        dense = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     kernel_init=nn.initializers.xavier_uniform())
+        dense = dict(
+            use_bias=True,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+        )
         x = Projection((cfg.hidden_size,), ("embed", "mlp"), name="fc1", **dense)(x)
         x = nn.with_logical_constraint(nn.gelu(x, approximate=False), ("batch", "length", "mlp"))
         x = Projection((cfg.hidden_size,), ("mlp", "embed"), name="fc2", **dense)(x)

@@ -38,10 +38,12 @@ DType = Any  # a dtype name ("bfloat16") or a jnp dtype
 # Architectures as in big_vision's ``decode_variant``; ``image_size`` is that of the common
 # public SigLIP checkpoint of each size and may be overridden.
 VARIANTS: dict[str, dict[str, int]] = {
-    "So400m/14": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14,
-                      image_size=384),
-    "So400m/16": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=16,
-                      image_size=384),
+    "So400m/14": dict(
+        width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14, image_size=384
+    ),
+    "So400m/16": dict(
+        width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=16, image_size=384
+    ),
     "B/16": dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16, image_size=224),
     "L/16": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, patch_size=16, image_size=256),
     # Tiny variant for tests.
@@ -128,7 +130,10 @@ def resample_posemb(posemb: Array, old_grid: tuple[int, int], new_grid: tuple[in
 
 
 def _projection(
-    config: ViTConfig, features: tuple[int, ...], kernel_axes: tuple[str, ...], name: str,
+    config: ViTConfig,
+    features: tuple[int, ...],
+    kernel_axes: tuple[str, ...],
+    name: str,
     num_in_axes: int = 1,
 ) -> Projection:
     """A biased linear map with a Xavier-uniform kernel over its (flattened) in / out axes."""
@@ -137,8 +142,14 @@ def _projection(
         in_axis=tuple(range(num_in_axes)), out_axis=tuple(range(num_in_axes, ndim))
     )
     return Projection(
-        features, kernel_axes, num_in_axes=num_in_axes, use_bias=True, dtype=config.dtype,
-        param_dtype=config.param_dtype, kernel_init=init, name=name,
+        features,
+        kernel_axes,
+        num_in_axes=num_in_axes,
+        use_bias=True,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=init,
+        name=name,
     )
 
 
@@ -149,7 +160,9 @@ def _out_projection(config: ViTConfig) -> Projection:
 
 def _layer_norm(config: ViTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+        epsilon=config.layer_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
         use_fast_variance=False,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
@@ -223,7 +236,8 @@ class MAPHead(nn.Module):
         probe = self.param(
             "probe",
             nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
-            (1, 1, cfg.width), cfg.param_dtype,
+            (1, 1, cfg.width),
+            cfg.param_dtype,
         )
         kernel = self.param(
             "in_proj_kernel",
@@ -231,12 +245,14 @@ class MAPHead(nn.Module):
                 nn.initializers.xavier_uniform(in_axis=1, out_axis=(2, 3), batch_axis=(0,)),
                 (None, "embed", "heads", "head_dim"),
             ),
-            (3, cfg.width, cfg.num_heads, cfg.head_dim), cfg.param_dtype,
+            (3, cfg.width, cfg.num_heads, cfg.head_dim),
+            cfg.param_dtype,
         )
         bias = self.param(
             "in_proj_bias",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "heads", "head_dim")),
-            (3, cfg.num_heads, cfg.head_dim), cfg.param_dtype,
+            (3, cfg.num_heads, cfg.head_dim),
+            cfg.param_dtype,
         )
         x, probe, kernel, bias = (jnp.asarray(a, cfg.dtype) for a in (x, probe, kernel, bias))
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, cfg.width))
@@ -292,8 +308,12 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         p = cfg.patch_size
         x = nn.Conv(
-            cfg.width, (p, p), strides=(p, p), padding="VALID",
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            cfg.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(),
                 ("patch_height", "patch_width", "channels", "embed"),
@@ -307,7 +327,8 @@ class VisionTransformer(nn.Module):
             nn.with_logical_partitioning(
                 nn.initializers.normal(stddev=cfg.width**-0.5), (None, "embed")
             ),
-            (cfg.grid * cfg.grid, cfg.width), cfg.param_dtype,
+            (cfg.grid * cfg.grid, cfg.width),
+            cfg.param_dtype,
         )
         posemb = resample_posemb(posemb, (cfg.grid, cfg.grid), (h, w))
         x = _constrain(x.reshape(batch, h * w, cfg.width) + posemb.astype(cfg.dtype))

@@ -1,0 +1,177 @@
+"""Decode-step latency: dense attention vs gaze attention over one KV cache, side by side.
+
+One new text token (16 query heads, 8 KV heads, head_dim 128) attends to a cache of
+``32 text + N visual (frames of 6×6 regions, 4 context tokens each) + 32 text`` tokens. Gaze
+selects K regions with ``K·m ≈ 16 %`` of N. Dense is a plain einsum attention over the whole
+cache (not ``jax.nn.dot_product_attention``, which is slow on CPU): the faster of an einsum and a
+broadcast-multiply-sum formulation, timed in the same loop.
+
+    python benchmarks/decode_attention.py                      # the full table
+    python benchmarks/decode_attention.py --sizes 4608 --dtypes float32 --quick
+
+Prints a table and writes one JSON record per case (``--out``). ``byte_bound`` is the bytes dense
+reads over the bytes gaze must read (selected regions, text and context, descriptors, metadata);
+``speedup`` is measured dense time over gaze time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gazejax.gaze import (
+    TextSegment,
+    TokenKind,
+    TokenMeta,
+    VisualSegment,
+    batch_layouts,
+    build_layout,
+    routing,
+)
+from kernels.gaze_attention import gaze_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
+REGION = (6, 6, 1)
+NUM_CONTEXT, TEXT_TOKENS, KV_FRACTION = 4, 32, 0.16
+
+
+def frame_grid(n_visual: int) -> tuple[int, int, int]:
+    """``(frames, height, width)`` with ``frames·height·width == n_visual``."""
+    for side in (24, 32):
+        if n_visual % (side * side) == 0:
+            return n_visual // (side * side), side, side
+    raise ValueError(f"n_visual {n_visual} is not a whole number of 24×24 or 32×32 frames")
+
+
+def dense_einsum(query, key, value, cache=None):
+    """[b, 1, h, d] query over the whole [b, len, kv_heads, d] cache, as two einsums."""
+    batch, _, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("bkgd,blkd->bkgl", q, key, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgl,blkd->bkgd", probs, value, preferred_element_type=jnp.float32)
+    return out.reshape(query.shape).astype(query.dtype)
+
+
+def dense_broadcast(query, key, value, cache=None):
+    """The same as :func:`dense_einsum` by broadcast-multiply-sum (faster on XLA:CPU)."""
+    batch, _, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    q = query.reshape(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = (q.astype(jnp.float32) * key[:, :, :, None]).sum(-1)  # [b, len, kv_heads, g]
+    probs = jax.nn.softmax(logits * head_dim**-0.5, axis=1)
+    out = (probs[..., None] * value[:, :, :, None]).sum(1)
+    return out.reshape(query.shape).astype(query.dtype)
+
+
+def gaze_step(query, key, value, cache, **options):
+    """One decode step of gaze attention; ``cache`` holds metadata, regions and descriptors."""
+    return gaze_attention(query, key, value, cache["query_meta"], cache["kv_meta"],
+                          cache["regions"], descriptors=cache["descriptors"], **options)
+
+
+def median_ms(functions, args, reps: int) -> list[float]:
+    """Median latency (ms) of each jitted function, timed interleaved."""
+    for f in functions:
+        jax.block_until_ready(f(*args))
+    times = [[] for _ in functions]
+    for _ in range(reps):
+        for f, t in zip(functions, times, strict=True):
+            begin = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            t.append((time.perf_counter() - begin) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict]:
+    """Times dense and each gaze implementation on one cache; one record per (routing, impl)."""
+    frames, height, width = frame_grid(n_visual)
+    layout = build_layout(
+        [TextSegment(TEXT_TOKENS), VisualSegment(height, width, frames), TextSegment(TEXT_TOKENS)],
+        REGION, NUM_CONTEXT,
+    )
+    kv_meta, table = batch_layouts([layout])
+    length, regions, m = layout.length, layout.num_regions, layout.region_capacity
+    top_k = max(1, round(KV_FRACTION * n_visual / m))
+    unrouted = 2 * TEXT_TOKENS + NUM_CONTEXT * layout.num_units
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+    key, value = (normal(1, length, NUM_KV_HEADS, HEAD_DIM) for _ in range(2))
+    query = normal(1, 1, NUM_HEADS, HEAD_DIM)
+    descriptors = routing.region_descriptors(key, kv_meta, regions)
+    query_meta = TokenMeta(*(jnp.asarray([[x]], jnp.int32) for x in (TokenKind.TEXT, -1, -1,
+                                                                        length)))
+    cache = dict(kv_meta=kv_meta, regions=table, descriptors=descriptors, query_meta=query_meta)
+    itemsize = jnp.dtype(dtype).itemsize
+    dense_bytes = 2 * length * NUM_KV_HEADS * HEAD_DIM * itemsize
+    dense = [jax.jit(dense_einsum), jax.jit(dense_broadcast)]
+
+    records = []
+    for route in routings:
+        selections = NUM_HEADS if route == "per_head" else NUM_KV_HEADS
+        gaze_bytes = (2 * selections * top_k * m * HEAD_DIM * itemsize
+                      + 2 * unrouted * NUM_KV_HEADS * HEAD_DIM * itemsize
+                      + descriptors.size * descriptors.dtype.itemsize
+                      + 4 * (length + 3 * regions))
+        gaze = [jax.jit(functools.partial(
+            gaze_step, top_k=top_k, routing=route, implementation=impl,
+            max_unrouted_tokens=unrouted if impl == "xla" else None)) for impl in impls]
+        times = median_ms([*dense, *gaze], (query, key, value, cache), reps)
+        dense_ms = min(times[:2])
+        for impl, ms in zip(impls, times[2:], strict=True):
+            records.append(dict(
+                impl=impl, dtype=dtype, routing=route, n_visual=n_visual, top_k=top_k,
+                region_size=m, kv_size=routing.gaze_kv_size(top_k, m, NUM_CONTEXT,
+                                                            layout.num_units),
+                median_ms=ms, dense_median_ms=dense_ms, speedup=dense_ms / ms,
+                dense_einsum_ms=times[0], dense_broadcast_ms=times[1],
+                dense_bytes=dense_bytes, gaze_bytes=gaze_bytes,
+                byte_bound=dense_bytes / gaze_bytes,
+            ))
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4608, 16384, 65536])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--routings", nargs="+", default=["per_head", "shared"])
+    parser.add_argument("--impls", nargs="+", default=["xla", "reference"])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="5 timed repetitions")
+    parser.add_argument("--out", default="decode_attention.json")
+    args = parser.parse_args()
+    reps = 5 if args.quick else args.reps
+
+    print(f"device: {jax.devices()[0].device_kind}; heads {NUM_HEADS}/{NUM_KV_HEADS}, "
+          f"head_dim {HEAD_DIM}, region {REGION}, |C| {NUM_CONTEXT}")
+    header = (f"{'impl':9} {'dtype':8} {'routing':8} {'N':>6} {'K':>4} {'dense ms':>9} "
+              f"{'gaze ms':>8} {'speedup':>7} {'bytes bound':>11} {'ratio':>5}")
+    print(header)
+    records = []
+    for n_visual in args.sizes:
+        for dtype in args.dtypes:
+            for r in run_size(n_visual, dtype, args.routings, args.impls, reps):
+                records.append(r)
+                print(f"{r['impl']:9} {r['dtype']:8} {r['routing']:8} {r['n_visual']:>6} "
+                      f"{r['top_k']:>4} {r['dense_median_ms']:>9.2f} {r['median_ms']:>8.2f} "
+                      f"{r['speedup']:>7.2f} {r['byte_bound']:>11.2f} "
+                      f"{r['speedup'] / r['byte_bound']:>5.2f}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+r"""Trains the multimodal model: ``python -m gazejax.train --config configs/NAME.py --workdir DIR``.
+
+One generic trainer, read top to bottom like a recipe (big_vision style): config -> mesh ->
+data -> abstract model -> optimizer -> shardings -> init or resume -> jitted step -> loop with
+metrics, evaluation and checkpoints. The same code runs on a laptop CPU, a multi-GPU node and a
+TPU pod; only the config's mesh and the launcher differ.
+
+    python -m gazejax.train --config configs/synthetic.py --workdir runs/dense
+    python -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze \
+        --config.total_steps=2000 --config.model.gaze.top_k=2
+
+Restarting the same command resumes from the latest checkpoint in ``DIR/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tokenizers
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gazejax import optim
+from gazejax.checkpointing import Checkpointer
+from gazejax.configuration import validate_config
+from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
+from gazejax.data.vocab import build_tokenizer
+from gazejax.gaze.routing import progressive_top_k
+from gazejax.metrics import MetricsWriter
+from gazejax.models.from_config import multimodal_config
+from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from gazejax.sharding import make_mesh
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean next-token loss over slots with a target (``targets >= 0``), and token accuracy.
+
+    Args:
+      logits: float32 ``[batch, length, vocab]``; targets: int32 ``[batch, length]``.
+    Returns:
+      ``(loss, {"loss_sum", "correct", "tokens"})`` (sums, for exact averaging over micro-batches).
+    """
+    weights = (targets >= 0).astype(jnp.float32)
+    safe = jnp.maximum(targets, 0)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), safe[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32) * weights
+    sums = {"loss_sum": (nll * weights).sum(), "correct": correct.sum(), "tokens": weights.sum()}
+    return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+def answer_exact_match(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``[batch]`` bool: every supervised token is predicted (greedy decoding would produce the
+    whole answer), for samples that have a target."""
+    wrong = (jnp.argmax(logits, axis=-1) != targets) & (targets >= 0)
+    return ~wrong.any(axis=-1) & (targets >= 0).any(axis=-1)
+
+
+def top_k_at(step: int, config: ml_collections.ConfigDict, num_regions: int) -> int | None:
+    """K at ``step``: the progressive schedule (all regions -> ``model.gaze.top_k`` over
+    ``progressive_top_k.decay_fraction`` of training) held piecewise constant on
+    ``progressive_top_k.levels`` levels, since each distinct K compiles once. None when dense."""
+    if config.model.attention != "gaze":
+        return None
+    target = config.model.gaze.top_k
+    decay_steps = int(config.progressive_top_k.decay_fraction * config.total_steps)
+    if decay_steps <= 0:
+        return target
+    levels = max(int(config.progressive_top_k.levels), 1)
+    held = math.floor(min(step / decay_steps, 1.0) * levels) / levels * decay_steps
+    return progressive_top_k(
+        int(held), start=max(num_regions, target), target=target, decay_steps=decay_steps
+    )
+
+
+def make_train_step(model: MultimodalModel, tx: optax.GradientTransformation, accum: int):
+    """``step(state, inputs, targets, top_k) -> (state, metrics)`` with gradient accumulation
+    over ``accum`` micro-batches (the batch axis is split in ``accum`` equal parts)."""
+
+    def loss_fn(params, inputs, targets, top_k):
+        logits = model.apply({"params": params}, inputs, top_k=top_k)
+        return cross_entropy(logits, targets)
+
+    def step(state: TrainState, inputs: MultimodalInputs, targets, top_k):
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+
+        def micro(batch):
+            return jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            grads, sums = carry
+            (mb_inputs, mb_targets) = mb
+            g, s = grad_fn(state.params, mb_inputs, mb_targets, top_k)
+            # Weight each micro-batch's mean-loss gradient by its token count.
+            g = jax.tree.map(lambda a, b: a + b * s["tokens"], grads, g)
+            return (g, jax.tree.map(jnp.add, sums, s)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        sums0 = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micro((inputs, targets)))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0),
+            "token_accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
+            "grad_norm": optax.global_norm(grads),
+            "tokens": jnp.sum(inputs.meta.valid),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: MultimodalModel):
+    def evaluate(params, inputs, targets, top_k):
+        logits = model.apply({"params": params}, inputs, top_k=top_k)
+        _, sums = cross_entropy(logits, targets)
+        return sums, answer_exact_match(logits, targets)
+
+    return evaluate
+
+
+def build_data(config, model_config: MultimodalConfig, split: str, batch_size: int) -> Batches:
+    """The ``split`` batches of the configured data set, this host's share."""
+    if config.data.name == "synthetic":
+        tokenizer = build_tokenizer()
+        buckets = synthetic_buckets(
+            config.data.synthetic.to_dict(),
+            config.data.buckets.to_dict(),
+            split,
+            config.seed,
+            tokenizer,
+            config.data.system_prompt,
+        )
+    else:  # jsonl
+        tokenizer = tokenizers.Tokenizer.from_file(config.data.tokenizer)
+        buckets, _ = jsonl_buckets(
+            config.data.to_dict(), split, config.seed, tokenizer, model_config
+        )
+    return Batches(
+        buckets,
+        batch_size,
+        model_config,
+        seed=config.seed,
+        pad_id=tokenizer.token_to_id(config.data.pad_token),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def global_batch(mesh, rules, local: tuple) -> tuple:
+    """Host-local batch arrays -> global arrays sharded over the batch axis of the mesh."""
+    batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("batch"), mesh, rules)
+
+    def put(x):
+        x = np.asarray(x)
+        spec = jax.sharding.PartitionSpec(*batch_sharding.spec, *([None] * (x.ndim - 1)))
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, local)
+
+
+class StopRequested:
+    """Set by SIGTERM: the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) training; returns the final evaluation metrics."""
+    validate_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # Mesh and logical axis rules.
+    shape = list(config.mesh.shape)
+    if -1 in shape:
+        shape[shape.index(-1)] = jax.device_count() // -math.prod(shape)
+    mesh = make_mesh(shape)
+    rules = tuple(
+        (name, tuple(axes) if isinstance(axes, list) else axes)
+        for name, axes in config.logical_axis_rules
+    )
+
+    # Data and model.
+    model_config = multimodal_config(config.model)
+    model = MultimodalModel(model_config)
+    train_batches = build_data(config, model_config, "train", config.batch_size)
+    eval_batches = build_data(config, model_config, "eval", config.batch_size)
+    example_inputs, _, _ = train_batches(0)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract_vars = jax.eval_shape(model.init, jax.random.key(config.seed), example_inputs)
+        param_specs = nn.get_partition_spec(abstract_vars["params"])
+        param_shardings = nn.logical_to_mesh_sharding(param_specs, mesh, rules)
+        abstract_params = jax.tree.map(  # no sharding constraint on abstract values
+            lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+            abstract_vars["params"],
+            is_leaf=lambda x: isinstance(x, nn.Partitioned),
+        )
+        tx, schedule = optim.make_optimizer(
+            abstract_params,
+            learning_rate=config.optim.learning_rate,
+            total_steps=config.total_steps,
+            warmup_steps=config.optim.warmup_steps,
+            weight_decay=config.optim.weight_decay,
+            b1=config.optim.b1,
+            b2=config.optim.b2,
+            clip_norm=config.optim.clip_norm,
+            trainable=tuple(config.optim.trainable),
+            lr_multipliers=dict(config.optim.lr_multipliers),
+        )
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        opt_shardings = optax.tree_map_params(
+            tx,
+            lambda _, s: s,
+            abstract_opt,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+
+        def init_state():
+            params = nn.unbox(model.init(jax.random.key(config.seed), example_inputs)["params"])
+            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+        checkpointer = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+        start = checkpointer.latest_step()
+        if start is None:
+            state = jax.jit(init_state, out_shardings=state_shardings)()
+            start = 0
+        else:
+            abstract_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                jax.eval_shape(init_state),
+                state_shardings,
+            )
+            state = checkpointer.restore(start, abstract_state)
+            if is_main:
+                print(f"resumed from step {start} in {workdir}", flush=True)
+
+        train_step = jax.jit(
+            make_train_step(model, tx, config.grad_accum_steps),
+            static_argnums=(3,),
+            donate_argnums=(0,),
+            out_shardings=(state_shardings, replicated),
+        )
+        eval_step = jax.jit(make_eval_step(model), static_argnums=(3,))
+        writer = MetricsWriter(workdir, config.total_steps, first_step=start, enabled=is_main)
+        stop = StopRequested()
+        num_regions = max(b["num_regions"] for b in config.data.buckets.to_dict().values())
+        pending: list[tuple[int, dict]] = []
+        last_log = time.monotonic()
+        step = start
+        final = None
+        prefetch = _Prefetcher(train_batches, start)
+
+        while step < config.total_steps:
+            inputs, targets, _ = prefetch.next()
+            top_k = top_k_at(step, config, num_regions)
+            inputs, targets = global_batch(mesh, rules, (inputs, targets))
+            state, metrics = train_step(state, inputs, targets, top_k)
+            step += 1
+            pending.append((step, metrics))
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                _flush_metrics(pending, writer, schedule, top_k, last_log)
+                last_log = time.monotonic()
+                pending = []
+            if stop.requested:
+                _flush_metrics(pending, writer, schedule, top_k, last_log)
+                checkpointer.save(step, state, config.to_dict(), force=True)
+                checkpointer.close()
+                print(f"SIGTERM: saved step {step} and stopped", flush=True)
+                prefetch.close()
+                return {}
+            checkpointer.save(step, state, config.to_dict())
+            if step % config.eval_every_steps == 0 or step == config.total_steps:
+                results = evaluate(
+                    eval_step,
+                    state.params,
+                    eval_batches,
+                    config,
+                    mesh,
+                    rules,
+                    top_k_at(config.total_steps, config, num_regions),
+                )
+                writer.write(step, results, prefix="eval")
+        prefetch.close()
+        checkpointer.save(step, state, config.to_dict(), force=True)
+        checkpointer.close()
+        writer.close()
+        final = evaluate(
+            eval_step,
+            state.params,
+            eval_batches,
+            config,
+            mesh,
+            rules,
+            top_k_at(config.total_steps, config, num_regions),
+        )
+    if is_main:
+        with open(os.path.join(workdir, "final_eval.json"), "w") as f:
+            json.dump({"step": step, **final}, f, indent=2)
+    return final
+
+
+def _flush_metrics(pending, writer, schedule, top_k, since: float) -> None:
+    """Fetches the pending steps' metrics (one host sync per log interval) and writes them.
+
+    Timing covers the interval from ``since`` (``time.monotonic()``) until every pending step
+    has finished on the device.
+
+    Raises:
+      FloatingPointError: naming the first step and metric that is NaN or inf.
+    """
+    if not pending:
+        return
+    fetched = jax.device_get([m for _, m in pending])
+    elapsed = time.monotonic() - since
+    for (step, _), values in zip(pending, fetched, strict=True):
+        for name, value in values.items():
+            if not np.isfinite(value):
+                raise FloatingPointError(f"non-finite {name} = {value} at step {step}")
+    step, values = pending[-1][0], fetched[-1]
+    extra = {"learning_rate": float(schedule(step - 1))}
+    if top_k is not None:
+        extra["top_k"] = top_k
+    extra["step_time_s"] = elapsed / len(pending)
+    extra["tokens_per_s"] = sum(float(v["tokens"]) for v in fetched) / elapsed
+    writer.write(step, {**{k: float(v) for k, v in values.items()}, **extra})
+
+
+def evaluate(eval_step, params, batches: Batches, config, mesh, rules, top_k) -> dict[str, float]:
+    """Loss, token accuracy and answer exact match (overall and per task) on the eval split."""
+    sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    per_task: dict[str, list[bool]] = {}
+    steps = max(config.eval_examples // config.batch_size, 1)
+    for i in range(steps):
+        inputs, targets, infos = batches(i)
+        inputs, targets = global_batch(mesh, rules, (inputs, targets))
+        batch_sums, exact = jax.device_get(eval_step(params, inputs, targets, top_k))
+        sums = {k: sums[k] + float(batch_sums[k]) for k in sums}
+        exact = np.asarray(exact)[: len(infos)]
+        for info, ok in zip(infos, exact, strict=True):
+            per_task.setdefault(info["task"], []).append(bool(ok))
+    results = {
+        "loss": sums["loss_sum"] / max(sums["tokens"], 1.0),
+        "token_accuracy": sums["correct"] / max(sums["tokens"], 1.0),
+        "accuracy": float(np.mean([ok for oks in per_task.values() for ok in oks])),
+    }
+    results.update({f"accuracy/{task}": float(np.mean(oks)) for task, oks in per_task.items()})
+    return results
+
+
+class _Prefetcher:
+    """Packs the next batches on a background thread while the device trains."""
+
+    def __init__(self, batches: Callable, first_step: int, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._batches = batches
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._next_step = first_step
+        self._queue = [self._submit() for _ in range(depth)]
+
+    def _submit(self):
+        future = self._pool.submit(self._batches, self._next_step)
+        self._next_step += 1
+        return future
+
+    def next(self):
+        future = self._queue.pop(0)
+        self._queue.append(self._submit())
+        return future.result()
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,180 @@
+"""The trainer: config checks, a tiny end-to-end run, exact kill-and-resume, SIGTERM, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs.synthetic import get_config
+from gazejax.configuration import ConfigError, validate_config
+from gazejax.train import _flush_metrics, top_k_at
+
+# A tiny, image-only variant of the embedded default, fast enough to train in tests.
+TINY = [
+    "--config.total_steps=8",
+    "--config.batch_size=4",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=2",
+    "--config.eval_every_steps=8",
+    "--config.eval_examples=4",
+    "--config.optim.warmup_steps=2",
+    "--config.data.synthetic.image_size=32",
+    "--config.data.synthetic.grid=2",
+    "--config.data.synthetic.max_objects=2",
+    "--config.data.buckets.image.length=96",
+    "--config.data.buckets.image.num_regions=4",
+    "--config.model.vit.image_size=32",
+    "--config.model.vit.width=32",
+    "--config.model.vit.depth=1",
+    "--config.model.vit.mlp_dim=32",
+    "--config.model.vit.num_heads=2",
+    "--config.model.decoder.hidden_size=32",
+    "--config.model.decoder.intermediate_size=64",
+    "--config.model.decoder.num_layers=1",
+    "--config.model.decoder.head_dim=8",
+]
+ONLY_IMAGES = [
+    f"--config.data.synthetic.tasks.{task}=0"
+    for task in ("shape", "size", "order", "compare_size", "video_appear", "video_order")
+]
+
+
+def _command(workdir, *extra, variant="attention=gaze"):
+    return [
+        sys.executable,
+        "-m",
+        "gazejax.train",
+        f"--config=configs/synthetic.py:{variant}",
+        f"--workdir={workdir}",
+        *TINY,
+        *ONLY_IMAGES,
+        *extra,
+    ]
+
+
+def _losses(workdir) -> dict[int, float]:
+    losses: dict[int, float] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "train/loss" in record:
+                assert (
+                    losses.setdefault(record["step"], record["train/loss"]) == record["train/loss"]
+                ), f"step {record['step']} logged two different losses"
+    return losses
+
+
+def _run(command, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        **kwargs,
+    )
+
+
+def test_config_validation_names_the_key():
+    config = get_config()
+    validate_config(config)
+    config.unlock()
+    config.optim.learning_rte = 1.0
+    with pytest.raises(ConfigError, match="optim.learning_rte"):
+        validate_config(config)
+    config = get_config("stage=1")
+    validate_config(config)
+    config.optim.trainable = [".*"]
+    with pytest.raises(ConfigError, match="stage=1"):
+        validate_config(config)
+    config = get_config()
+    config.batch_size = 30
+    config.grad_accum_steps = 4
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        validate_config(config)
+
+
+def test_progressive_top_k_is_held_on_levels():
+    config = get_config("attention=gaze")
+    config.total_steps, config.model.gaze.top_k = 100, 4
+    ks = [top_k_at(step, config, num_regions=64) for step in range(100)]
+    assert ks[0] == 64 and ks[-1] == 4 and ks[50] == 4
+    assert sorted(set(ks), reverse=True) == [64, 50, 34, 20, 4]  # 4 levels, then the target
+    assert all(a >= b for a, b in zip(ks, ks[1:], strict=False))
+    assert top_k_at(10, get_config(), num_regions=64) is None  # dense
+
+
+def test_non_finite_loss_stops_with_step_and_metric():
+    import jax.numpy as jnp
+
+    pending = [(7, {"loss": jnp.float32(1.0)}), (8, {"loss": jnp.float32(np.nan)})]
+    with pytest.raises(FloatingPointError, match=r"loss = nan at step 8"):
+        _flush_metrics(pending, writer=None, schedule=None, top_k=None, since=0.0)
+
+
+def _start_and_wait_for_checkpoint(workdir, step: int) -> subprocess.Popen:
+    """Starts a training run and returns once it has written a checkpoint >= ``step``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(
+        _command(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    checkpoints = workdir / "checkpoints"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoints.exists() and any(
+            p.name.isdigit() and int(p.name) >= step for p in checkpoints.iterdir()
+        ):
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"no checkpoint >= {step} in {workdir}")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    process = _start_and_wait_for_checkpoint(tmp_path, step=2)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    assert "SIGTERM: saved step" in stdout
+    saved = int(stdout.split("SIGTERM: saved step ")[1].split()[0])
+    assert (tmp_path / "checkpoints" / str(saved)).exists()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_every_loss(tmp_path):
+    """SIGKILL after a checkpoint, restart: the same losses and evaluation, step for step."""
+    reference = tmp_path / "reference"
+    done = _run(_command(reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = _losses(reference)
+    assert sorted(expected) == list(range(1, 9))
+    assert os.path.exists(reference / "tensorboard") and os.path.exists(reference / "config.json")
+
+    killed = tmp_path / "killed"
+    process = _start_and_wait_for_checkpoint(killed, step=4)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = _run(_command(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+    got = _losses(killed)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == loss, (step, got[step], loss)
+    final = json.loads((killed / "final_eval.json").read_text())
+    assert final == json.loads((reference / "final_eval.json").read_text())
