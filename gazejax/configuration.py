@@ -75,7 +75,10 @@ def base_config(stage: int = 2, attention: str = "dense") -> ml_collections.Conf
 
     config.mesh = ml_collections.ConfigDict({"shape": [-1, 1, 1, 1]})
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
-    config.distributed = False
+    # jax.distributed: empty address / -1 counts mean auto-detect (TPU pods, SLURM, ...).
+    config.distributed = dict(
+        enabled=False, coordinator_address="", num_processes=-1, process_id=-1
+    )
 
     config.log_every_steps = 25
     config.checkpoint_every_steps = 200
@@ -134,7 +137,12 @@ SCHEMA: dict = {
     },
     "mesh": {"shape": FREE},
     "logical_axis_rules": FREE,
-    "distributed": bool,
+    "distributed": {
+        "enabled": bool,
+        "coordinator_address": str,
+        "num_processes": int,
+        "process_id": int,
+    },
     "log_every_steps": int,
     "checkpoint_every_steps": int,
     "keep_checkpoints": int,

@@ -14,6 +14,7 @@ Restarting the same command resumes from the latest checkpoint in ``DIR/checkpoi
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -30,14 +31,17 @@ import numpy as np
 import optax
 import tokenizers
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gazejax import optim
 from gazejax.checkpointing import Checkpointer
 from gazejax.configuration import validate_config
 from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
+from gazejax.data.synthetic import TASKS
 from gazejax.data.vocab import build_tokenizer
 from gazejax.gaze.routing import progressive_top_k
+from gazejax.init_from import init_from_checkpoints
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
@@ -144,7 +148,9 @@ def make_eval_step(model: MultimodalModel):
 
 def build_data(config, model_config: MultimodalConfig, split: str, batch_size: int) -> Batches:
     """The ``split`` batches of the configured data set, this host's share."""
+    skipped: collections.Counter[str] = collections.Counter()  # generated data is never bad
     if config.data.name == "synthetic":
+        task_names = list(TASKS)
         tokenizer = build_tokenizer()
         buckets = synthetic_buckets(
             config.data.synthetic.to_dict(),
@@ -156,9 +162,11 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
         )
     else:  # jsonl
         tokenizer = tokenizers.Tokenizer.from_file(config.data.tokenizer)
-        buckets, _ = jsonl_buckets(
+        buckets, source = jsonl_buckets(
             config.data.to_dict(), split, config.seed, tokenizer, model_config
         )
+        skipped = source.skipped
+        task_names = [config.data.jsonl.get("task", "jsonl")]
     return Batches(
         buckets,
         batch_size,
@@ -167,6 +175,8 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
         pad_id=tokenizer.token_to_id(config.data.pad_token),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        skipped=skipped,
+        task_names=task_names,
     )
 
 
@@ -195,11 +205,24 @@ class StopRequested:
         self.requested = True
 
 
+def initialize_distributed(settings: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize``; explicit settings where given, else auto-detection.
+
+    CPU processes exchange collectives through gloo (a no-op setting on GPU and TPU).
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator_address or None,
+        num_processes=settings.num_processes if settings.num_processes > 0 else None,
+        process_id=settings.process_id if settings.process_id >= 0 else None,
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Runs (or resumes) training; returns the final evaluation metrics."""
     validate_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    if config.distributed.enabled:
+        initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -211,6 +234,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if -1 in shape:
         shape[shape.index(-1)] = jax.device_count() // -math.prod(shape)
     mesh = make_mesh(shape)
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} of "
+        f"{jax.device_count()} {jax.default_backend()} devices, mesh {dict(mesh.shape)}",
+        flush=True,
+    )
     rules = tuple(
         (name, tuple(axes) if isinstance(axes, list) else axes)
         for name, axes in config.logical_axis_rules
@@ -264,6 +292,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if start is None:
             state = jax.jit(init_state, out_shardings=state_shardings)()
             start = 0
+            if config.init_from.vision or config.init_from.decoder:
+                params = init_from_checkpoints(
+                    jax.device_get(state.params), config.init_from.to_dict(), model_config
+                )
+                state = jax.jit(
+                    lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                    out_shardings=state_shardings,
+                )(params)
         else:
             abstract_state = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -280,7 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             donate_argnums=(0,),
             out_shardings=(state_shardings, replicated),
         )
-        eval_step = jax.jit(make_eval_step(model), static_argnums=(3,))
+        eval_step = jax.jit(make_eval_step(model), static_argnums=(3,), out_shardings=replicated)
         writer = MetricsWriter(workdir, config.total_steps, first_step=start, enabled=is_main)
         stop = StopRequested()
         num_regions = max(b["num_regions"] for b in config.data.buckets.to_dict().values())
@@ -298,11 +334,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             step += 1
             pending.append((step, metrics))
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                _flush_metrics(pending, writer, schedule, top_k, last_log)
+                _flush_metrics(
+                    pending, writer, schedule, top_k, last_log, sum(train_batches.skipped.values())
+                )
                 last_log = time.monotonic()
                 pending = []
             if stop.requested:
-                _flush_metrics(pending, writer, schedule, top_k, last_log)
+                _flush_metrics(
+                    pending, writer, schedule, top_k, last_log, sum(train_batches.skipped.values())
+                )
                 checkpointer.save(step, state, config.to_dict(), force=True)
                 checkpointer.close()
                 print(f"SIGTERM: saved step {step} and stopped", flush=True)
@@ -339,7 +379,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return final
 
 
-def _flush_metrics(pending, writer, schedule, top_k, since: float) -> None:
+def _flush_metrics(pending, writer, schedule, top_k, since: float, skipped: int = 0) -> None:
     """Fetches the pending steps' metrics (one host sync per log interval) and writes them.
 
     Timing covers the interval from ``since`` (``time.monotonic()``) until every pending step
@@ -357,7 +397,7 @@ def _flush_metrics(pending, writer, schedule, top_k, since: float) -> None:
             if not np.isfinite(value):
                 raise FloatingPointError(f"non-finite {name} = {value} at step {step}")
     step, values = pending[-1][0], fetched[-1]
-    extra = {"learning_rate": float(schedule(step - 1))}
+    extra = {"learning_rate": float(schedule(step - 1)), "skipped_samples": skipped}
     if top_k is not None:
         extra["top_k"] = top_k
     extra["step_time_s"] = elapsed / len(pending)
@@ -366,24 +406,35 @@ def _flush_metrics(pending, writer, schedule, top_k, since: float) -> None:
 
 
 def evaluate(eval_step, params, batches: Batches, config, mesh, rules, top_k) -> dict[str, float]:
-    """Loss, token accuracy and answer exact match (overall and per task) on the eval split."""
-    sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
-    per_task: dict[str, list[bool]] = {}
-    steps = max(config.eval_examples // config.batch_size, 1)
-    for i in range(steps):
+    """Loss, token accuracy and answer exact match (overall and per task) on the eval split.
+
+    Each host scores its own examples; per-task counts are summed over hosts.
+    """
+    tasks = sorted(batches.task_names)
+    counts = np.zeros((3, len(tasks)))  # correct answers, answers, per task
+    sums = np.zeros(3)  # loss sum, correct tokens, tokens
+    for i in range(max(config.eval_examples // config.batch_size, 1)):
         inputs, targets, infos = batches(i)
         inputs, targets = global_batch(mesh, rules, (inputs, targets))
-        batch_sums, exact = jax.device_get(eval_step(params, inputs, targets, top_k))
-        sums = {k: sums[k] + float(batch_sums[k]) for k in sums}
-        exact = np.asarray(exact)[: len(infos)]
-        for info, ok in zip(infos, exact, strict=True):
-            per_task.setdefault(info["task"], []).append(bool(ok))
+        batch_sums, exact = eval_step(params, inputs, targets, top_k)
+        sums += [float(batch_sums[k]) for k in ("loss_sum", "correct", "tokens")]
+        local = np.asarray(exact)[batches.offset : batches.offset + len(infos)]
+        for info, ok in zip(infos, local, strict=True):
+            counts[:2, tasks.index(info["task"])] += (ok, 1)
+    counts = multihost_utils.process_allgather(counts[:2]).reshape(-1, 2, len(tasks)).sum(0)
+    seen = counts[1] > 0
     results = {
-        "loss": sums["loss_sum"] / max(sums["tokens"], 1.0),
-        "token_accuracy": sums["correct"] / max(sums["tokens"], 1.0),
-        "accuracy": float(np.mean([ok for oks in per_task.values() for ok in oks])),
+        "loss": sums[0] / max(sums[2], 1.0),
+        "token_accuracy": sums[1] / max(sums[2], 1.0),
+        "accuracy": float(counts[0].sum() / max(counts[1].sum(), 1.0)),
     }
-    results.update({f"accuracy/{task}": float(np.mean(oks)) for task, oks in per_task.items()})
+    results.update(
+        {
+            f"accuracy/{t}": float(c / n)
+            for t, c, n, s in zip(tasks, counts[0], counts[1], seen, strict=True)
+            if s
+        }
+    )
     return results
 
 

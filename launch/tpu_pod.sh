@@ -5,7 +5,7 @@
 #       [--config.key=value ...]
 #
 # Each worker installs the repo (with the [tpu] extra) and starts
-# `python -m gazejax.train ... --config.distributed=True`; jax.distributed.initialize() finds the
+# `python -m gazejax.train ... --config.distributed.enabled=True`; jax.distributed.initialize() finds the
 # coordinator from the TPU metadata, so no address is needed. Logs go to ~/gazejax.log on each
 # worker; worker 0 writes metrics and checkpoints to WORKDIR (a GCS path or a shared disk).
 set -euo pipefail
@@ -25,7 +25,7 @@ gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
   cd gazejax && git fetch -q origin && git checkout -q $revision
   python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'
   nohup .venv/bin/python -m gazejax.train --config $config --workdir $workdir \
-      --config.distributed=True $overrides > ~/gazejax.log 2>&1 &
+      --config.distributed.enabled=True $overrides > ~/gazejax.log 2>&1 &
 "
 echo "started on all workers of $tpu; follow with:"
 echo "  gcloud compute tpus tpu-vm ssh $tpu --zone $zone --worker=0 --command 'tail -f ~/gazejax.log'"

@@ -178,3 +178,76 @@ def test_kill_and_resume_reproduces_every_loss(tmp_path):
         assert got[step] == loss, (step, got[step], loss)
     final = json.loads((killed / "final_eval.json").read_text())
     assert final == json.loads((reference / "final_eval.json").read_text())
+
+
+def test_gradient_accumulation_matches_one_batch():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from gazejax.data.packing import Text, Visual, pack_batch
+    from gazejax.models.mllm import MultimodalModel
+    from gazejax.train import TrainState, make_train_step
+    from tests.test_mllm import VOCAB, _config
+
+    config = _config()
+    rng = np.random.default_rng(0)
+    samples = [
+        [
+            Text(rng.integers(1, VOCAB, 3)),
+            Visual(rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)),
+            Text(rng.integers(1, VOCAB, n), targets=rng.integers(0, VOCAB, n)),
+        ]
+        for n in (2, 5, 3, 7)  # micro-batches with different token counts
+    ]
+    inputs, targets = pack_batch(samples, config, length=40, max_units=1, num_regions=4)
+    model = MultimodalModel(config)
+    params = nn.unbox(model.init(jax.random.key(0), inputs))["params"]
+    tx = optax.sgd(1.0)  # the update is the gradient (Adam would amplify float noise)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    one, m1 = jax.jit(make_train_step(model, tx, 1), static_argnums=3)(state, inputs, targets, None)
+    two, m2 = jax.jit(make_train_step(model, tx, 2), static_argnums=3)(state, inputs, targets, None)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, two.params)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    """jax.distributed on localhost with 2 CPU processes gives the losses of 1 process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    steps = ["--config.total_steps=3", "--config.checkpoint_every_steps=3"]
+    single = _run(_command(tmp_path / "one", *steps))
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    processes = [
+        subprocess.Popen(
+            _command(
+                tmp_path / "two",
+                *steps,
+                "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for i, (p, (out, err)) in enumerate(zip(processes, outputs, strict=True)):
+        assert p.returncode == 0, err[-3000:]
+        assert f"process {i}/2: 1 of 2 cpu devices" in out
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        np.testing.assert_allclose(two[step], one[step], rtol=1e-5)

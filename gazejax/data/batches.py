@@ -49,7 +49,11 @@ class Bucket:
 
 
 class Batches:
-    """``batches(step) -> (inputs, targets, infos)`` for this host's share of the batch."""
+    """``batches(step) -> (inputs, targets, infos)`` for this host's share of the batch.
+
+    ``task_names`` lists every value the examples' ``info["task"]`` can take (for evaluation
+    counts that agree across hosts).
+    """
 
     def __init__(
         self,
@@ -60,7 +64,10 @@ class Batches:
         pad_id: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        skipped: Mapping[str, int] | None = None,
+        task_names: Sequence[str] = (),
     ):
+        """``skipped`` is the sources' live count of skipped bad samples, by error kind."""
         if global_batch_size % process_count:
             raise ValueError(
                 f"batch_size ({global_batch_size}) must be divisible by the number of "
@@ -77,6 +84,8 @@ class Batches:
         self.seed = seed
         self.pad_id = pad_id
         self.offset = process_index * self.local_batch_size
+        self.skipped = {} if skipped is None else skipped
+        self.task_names = tuple(task_names)
 
     def bucket(self, step: int) -> Bucket:
         """The bucket of ``step`` (the same on every host)."""
