@@ -139,10 +139,16 @@ def _slice(inputs: MultimodalInputs, end: int) -> MultimodalInputs:
 
 
 @pytest.mark.parametrize(
-    "attention,implementation,top_k",
-    [("dense", "reference", 1), ("gaze", "reference", 2), ("gaze", "xla", 2), ("gaze", "xla", 64)],
+    "attention,implementation,top_k,bounded",
+    [
+        ("dense", "reference", 1, False),
+        ("gaze", "reference", 2, False),
+        ("gaze", "xla", 2, False),
+        ("gaze", "xla", 2, True),  # the step reads only text, context and selected regions
+        ("gaze", "xla", 64, True),
+    ],
 )
-def test_prefill_then_decode_equals_full_forward(attention, implementation, top_k):
+def test_prefill_then_decode_equals_full_forward(attention, implementation, top_k, bounded):
     config = _config(attention, implementation=implementation, top_k=top_k)
     rng = np.random.default_rng(4)
     frames = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
@@ -161,6 +167,8 @@ def test_prefill_then_decode_equals_full_forward(attention, implementation, top_
     cache = KVCache.empty(config.decoder, batch=1, max_len=total, regions=inputs.regions)
     logits, cache = model.apply({"params": params}, _slice(inputs, prefix), cache=cache)
     np.testing.assert_allclose(np.asarray(logits)[0], full[0, :prefix], atol=1e-5)
+    kind = np.asarray(inputs.meta.kind)
+    unrouted = int(((kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)).sum())
     for slot in range(prefix, total):
         meta = jax.tree.map(lambda x, s=slot: x[:, s : s + 1], inputs.meta)
         assert int(meta.kind[0, 0]) == TokenKind.TEXT
@@ -169,6 +177,7 @@ def test_prefill_then_decode_equals_full_forward(attention, implementation, top_
             inputs.input_ids[:, slot : slot + 1],
             meta,
             cache,
+            max_unrouted_tokens=unrouted if bounded else None,
             method=MultimodalModel.extend,
         )
         np.testing.assert_allclose(np.asarray(step)[0, 0], full[0, slot], atol=1e-5)

@@ -215,6 +215,8 @@ class AttentionInputs:
       regions: gaze only: :class:`RegionTable` of the keys.
       cache_start: slot where the new keys and values are written in the cache.
       top_k: gaze only: regions per text query (static).
+      max_unrouted_tokens: gaze decode only: static bound on a sample's text and context
+        tokens in the cache; the xla decode then reads only those and the selected regions.
     """
 
     cos: jax.Array
@@ -225,6 +227,7 @@ class AttentionInputs:
     regions: RegionTable | None
     cache_start: jax.Array
     top_k: int = flax.struct.field(pytree_node=False, default=1)
+    max_unrouted_tokens: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class Attention(nn.Module):
@@ -278,6 +281,7 @@ class Attention(nn.Module):
                 inputs.kv_meta,
                 inputs.regions,
                 top_k=inputs.top_k,
+                max_unrouted_tokens=inputs.max_unrouted_tokens if q.shape[1] == 1 else None,
                 descriptors=descriptors,
                 routing=cfg.gaze_routing,
                 implementation=cfg.gaze_implementation,
@@ -378,6 +382,7 @@ class Decoder(nn.Module):
         token_meta: TokenMeta | None = None,
         regions: RegionTable | None = None,
         top_k: int | None = None,
+        max_unrouted_tokens: int | None = None,
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for a sequence, optionally continuing a KV cache.
@@ -396,6 +401,9 @@ class Decoder(nn.Module):
           token_meta: :class:`TokenMeta` ``[batch, seq]`` of the tokens (stored in the cache).
           regions: :class:`RegionTable` of the sequence (of the cache, when decoding).
           top_k: regions per text query for gaze attention; default ``config.gaze_top_k``.
+          max_unrouted_tokens: gaze decode steps: a static bound on the text and context
+            tokens per sample in the cache, so that a step reads only those and the selected
+            regions (``implementation="xla"``); None reads everything outside the regions.
           cache: a :class:`KVCache`; the tokens are written at slots
             ``[cache.end, cache.end + seq)``. A one-token step is a decode step: it reuses the
             cached region descriptors, so it must not add visual tokens.
@@ -428,6 +436,7 @@ class Decoder(nn.Module):
             regions=regions if cache is None or regions is not None else cache.regions,
             cache_start=start,
             top_k=cfg.gaze_top_k if top_k is None else top_k,
+            max_unrouted_tokens=max_unrouted_tokens,
         )
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         layer_caches = []

@@ -185,6 +185,17 @@ class MultimodalModel(nn.Module):
         cache: KVCache,
         *,
         top_k: int | None = None,
+        max_unrouted_tokens: int | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """One decode step of text tokens ``[batch, seq]`` against the cache."""
-        return self.decoder(input_ids, token_meta=meta, top_k=top_k, cache=cache)
+        """One decode step of text tokens ``[batch, seq]`` against the cache.
+
+        ``max_unrouted_tokens`` (see :class:`~gazejax.models.decoder.Decoder`) makes a gaze
+        step read only the text, the context tokens and the selected regions.
+        """
+        return self.decoder(
+            input_ids,
+            token_meta=meta,
+            top_k=top_k,
+            max_unrouted_tokens=max_unrouted_tokens,
+            cache=cache,
+        )
