@@ -20,7 +20,7 @@ from gazejax.data.synthetic import TASKS
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = parse_variant(arg)
     config = base_config(int(variant.get("stage", 2)), variant.get("attention", "dense"))
-    config.total_steps = 1200
+    config.total_steps = 1500
     config.batch_size = 16
 
     config.model.vit = dict(
@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         image_size=64,
         grid=4,
         min_objects=1,
-        max_objects=4,
+        max_objects=3,
+        object_sizes=(0.6, 0.9),  # of a 16-pixel cell: shapes large enough to tell apart
         video_frames=4,
         tasks={task: 1.0 for task in TASKS},
     )

@@ -129,7 +129,7 @@ def make_train_step(model: MultimodalModel, tx: optax.GradientTransformation, ac
         metrics = {
             "loss": sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0),
             "token_accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "tokens": jnp.sum(inputs.meta.valid),
         }
         return TrainState(state.step + 1, params, opt_state), metrics

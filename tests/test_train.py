@@ -251,3 +251,65 @@ def test_two_processes_train_like_one(tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         np.testing.assert_allclose(two[step], one[step], rtol=1e-5)
+
+
+def _jsonl_dataset(root) -> None:
+    """Six LLaVA-style records over generated images, and one whose image is missing."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colors = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    lines = []
+    for i in range(6):
+        name = list(colors)[i % 2]
+        pixels = np.zeros((40, 40, 3), np.uint8) + rng.integers(0, 30, (40, 40, 3), np.uint8)
+        pixels[10:30, 10:30] = colors[name]
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        lines.append(
+            {
+                "id": i,
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat color is the square?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
+    lines.insert(
+        3,
+        {
+            "id": "bad",
+            "image": "missing.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the square?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+    )
+    (root / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_trains_on_jsonl_records_and_counts_skipped_samples(tmp_path):
+    from gazejax.data import vocab
+    from gazejax.train import train
+
+    _jsonl_dataset(tmp_path)
+    config = get_config("runlocal")
+    config.data.name = "jsonl"
+    config.data.jsonl.update(
+        train=str(tmp_path / "data.jsonl"),
+        eval=str(tmp_path / "data.jsonl"),
+        image_root=str(tmp_path),
+    )
+    config.data.tokenizer = str(vocab.save(tmp_path / "tokenizer"))
+    config.data.skip_bad_samples = True
+    config.data.buckets = {"all": {"length": 112, "max_units": 1, "num_regions": 16}}
+    config.total_steps, config.checkpoint_every_steps = 4, 4
+    results = train(config, str(tmp_path / "run"))
+    assert set(results) >= {"loss", "token_accuracy", "accuracy", "accuracy/jsonl"}
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["train/skipped_samples"] for r in records if "train/skipped_samples" in r]
+    assert skipped and skipped[-1] >= 1  # the missing image was skipped, counted and logged
+    config.data.skip_bad_samples = False
+    with pytest.raises(Exception, match="missing.png"):
+        train(config, str(tmp_path / "strict"))
