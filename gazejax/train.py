@@ -324,6 +324,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last_log = time.monotonic()
         step = start
         final = None
+
+        def run_eval(params):  # at the final K of the schedule
+            k = top_k_at(config.total_steps, config, num_regions)
+            return evaluate(eval_step, params, eval_batches, config, mesh, rules, k)
+
         prefetch = _Prefetcher(train_batches, start)
 
         while step < config.total_steps:
@@ -333,46 +338,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             state, metrics = train_step(state, inputs, targets, top_k)
             step += 1
             pending.append((step, metrics))
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                _flush_metrics(
-                    pending, writer, schedule, top_k, last_log, sum(train_batches.skipped.values())
-                )
+            if stop.requested or step % config.log_every_steps == 0 or step == config.total_steps:
+                skipped = sum(train_batches.skipped.values())
+                _flush_metrics(pending, writer, schedule, top_k, last_log, skipped)
                 last_log = time.monotonic()
                 pending = []
             if stop.requested:
-                _flush_metrics(
-                    pending, writer, schedule, top_k, last_log, sum(train_batches.skipped.values())
-                )
                 checkpointer.save(step, state, config.to_dict(), force=True)
                 checkpointer.close()
-                print(f"SIGTERM: saved step {step} and stopped", flush=True)
+                writer.close()
                 prefetch.close()
+                print(f"SIGTERM: saved step {step} and stopped", flush=True)
                 return {}
             checkpointer.save(step, state, config.to_dict())
             if step % config.eval_every_steps == 0 or step == config.total_steps:
-                results = evaluate(
-                    eval_step,
-                    state.params,
-                    eval_batches,
-                    config,
-                    mesh,
-                    rules,
-                    top_k_at(config.total_steps, config, num_regions),
-                )
-                writer.write(step, results, prefix="eval")
+                final = run_eval(state.params)
+                writer.write(step, final, prefix="eval")
         prefetch.close()
         checkpointer.save(step, state, config.to_dict(), force=True)
         checkpointer.close()
+        if final is None:  # resumed at the end: nothing trained, evaluate what is there
+            final = run_eval(state.params)
+            writer.write(step, final, prefix="eval")
         writer.close()
-        final = evaluate(
-            eval_step,
-            state.params,
-            eval_batches,
-            config,
-            mesh,
-            rules,
-            top_k_at(config.total_steps, config, num_regions),
-        )
     if is_main:
         with open(os.path.join(workdir, "final_eval.json"), "w") as f:
             json.dump({"step": step, **final}, f, indent=2)
