@@ -20,7 +20,7 @@ from gazejax.data.synthetic import TASKS
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = parse_variant(arg)
     config = base_config(int(variant.get("stage", 2)), variant.get("attention", "dense"))
-    config.total_steps = 1500
+    config.total_steps = 1800
     config.batch_size = 16
 
     config.model.vit = dict(
@@ -44,10 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         image_size=64,
         grid=4,
         min_objects=1,
-        max_objects=3,
+        max_objects=2,
         object_sizes=(0.6, 0.9),  # of a 16-pixel cell: shapes large enough to tell apart
         video_frames=4,
-        tasks={task: 1.0 for task in TASKS},
+        # Video questions cost ~3x an image question's compute; half weight keeps the run short.
+        tasks={task: 0.5 if family == "video" else 1.0 for task, (family, _) in TASKS.items()},
     )
     # Images and videos train in separate batches (buckets), each padded to its own shape:
     # slots = text + units x (64 visual + context tokens); regions = units x 16.
