@@ -56,3 +56,29 @@ class Projection(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def image_conv(
+    features: int,
+    kernel: int,
+    stride: int,
+    padding: str | tuple[tuple[int, int], tuple[int, int]],
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+) -> nn.Conv:
+    """A square 2-D convolution over ``[batch, height, width, channels]`` with logical axes
+    ``(patch_height, patch_width, channels, embed)`` on its kernel and ``embed`` on its bias."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("patch_height", "patch_width", "channels", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gazejax.models.layers import Projection
+from gazejax.models.layers import Projection, image_conv
 
 Array = jax.Array
 DType = Any  # a dtype name ("bfloat16") or a jnp dtype
@@ -72,20 +72,10 @@ class Projector(nn.Module):
             raise ValueError(f"grid {(h, w)} does not hold {tokens} tokens")
         x = jnp.asarray(x, cfg.dtype)
         if cfg.compress:
-            x = nn.Conv(
-                cfg.vision_width,
-                (3, 3),
-                strides=(2, 2),
-                padding=((1, 1), (1, 1)),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(),
-                    ("patch_height", "patch_width", "channels", "embed"),
-                ),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                name="compress",
-            )(x.reshape(batch, h, w, cfg.vision_width))
+            conv = image_conv(
+                cfg.vision_width, 3, 2, ((1, 1), (1, 1)), cfg.dtype, cfg.param_dtype, "compress"
+            )
+            x = conv(x.reshape(batch, h, w, cfg.vision_width))
             x = x.reshape(batch, -1, cfg.vision_width)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         dense = dict(

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from gazejax.models.attention import dense_attention
-from gazejax.models.layers import Projection
+from gazejax.models.layers import Projection, image_conv
 
 Array = jax.Array
 DType = Any  # a dtype name ("bfloat16") or a jnp dtype
@@ -307,20 +307,8 @@ class VisionTransformer(nn.Module):
         """Patch embedding plus position embedding, ``-> [batch, tokens, width]``."""
         cfg = self.config
         p = cfg.patch_size
-        x = nn.Conv(
-            cfg.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(),
-                ("patch_height", "patch_width", "channels", "embed"),
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="embedding",
-        )(jnp.asarray(pixel_values, cfg.dtype))
+        conv = image_conv(cfg.width, p, p, "VALID", cfg.dtype, cfg.param_dtype, "embedding")
+        x = conv(jnp.asarray(pixel_values, cfg.dtype))
         batch, h, w, _ = x.shape
         posemb = self.param(
             "pos_embedding",
