@@ -274,12 +274,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        # Optimizer state mirrors the parameters; a parameter group's state holds MaskedNode
+        # where another group's parameters are, which keeps no sharding.
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
         opt_shardings = optax.tree_map_params(
             tx,
-            lambda _, s: s,
+            lambda p, s: p if masked(p) else s,
             abstract_opt,
             param_shardings,
             transform_non_params=lambda _: replicated,
+            is_leaf=masked,
         )
         state_shardings = TrainState(replicated, param_shardings, opt_shardings)
 

@@ -313,3 +313,15 @@ def test_trains_on_jsonl_records_and_counts_skipped_samples(tmp_path):
     config.data.skip_bad_samples = False
     with pytest.raises(Exception, match="missing.png"):
         train(config, str(tmp_path / "strict"))
+
+
+@pytest.mark.parametrize("stage,multipliers", [(1, []), (2, [["vision/.*", 0.1]])])
+def test_parameter_groups_train_and_shard(tmp_path, stage, multipliers):
+    """Several optimizer groups (and frozen parameters) build, shard and train."""
+    from gazejax.train import train
+
+    config = get_config(f"runlocal,stage={stage},attention=gaze")
+    config.optim.lr_multipliers = multipliers
+    config.total_steps = 2
+    results = train(config, str(tmp_path))
+    assert np.isfinite(results["loss"])
