@@ -16,10 +16,10 @@ from gazejax.gaze.regions import (
     batch_layouts,
     build_layout,
 )
-from kernels.gaze_attention import gaze_attention, xla
+from kernels.gaze_attention import gaze_attention, pallas_train, xla
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
-IMPLEMENTATIONS = ["reference", "xla"]
+IMPLEMENTATIONS = ["reference", "xla", "pallas"]
 
 op = jax.jit(
     gaze_attention,
@@ -38,6 +38,7 @@ def small_blocks(monkeypatch):
     """Several query blocks and several region chunks even at test sizes."""
     monkeypatch.setattr(xla, "QUERY_BLOCK", 16)
     monkeypatch.setattr(xla, "REGIONS_PER_STEP", 2)
+    monkeypatch.setattr(pallas_train, "DEFAULT_BLOCK", 16)
 
 
 class Case:
@@ -205,8 +206,19 @@ DENSE_CASES = {
 }
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", DENSE_CASES)
+# Interpret-mode Pallas costs seconds per compiled call on CPU: a subset of the cases.
+PALLAS_DENSE_CASES = ("video r_t=2", "batch with different units", "ragged edge regions")
+
+
+@pytest.mark.parametrize(
+    "name, implementation",
+    [
+        (name, implementation)
+        for name in DENSE_CASES
+        for implementation in IMPLEMENTATIONS
+        if implementation != "pallas" or name in PALLAS_DENSE_CASES
+    ],
+)
 def test_with_every_region_selected_gaze_equals_dense(name, implementation):
     samples, region_size = DENSE_CASES[name]
     case = Case(samples, region_size, seed=len(name))
@@ -267,8 +279,16 @@ def tied(case):
     return tied, descriptors.at[:, 4:7].set(descriptors[:, 2:3])
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("route", ["per_head", "shared"])
+@pytest.mark.parametrize(
+    "route, implementation",
+    # Shared routing through Pallas: tests/test_pallas_*.py and the dense cases above.
+    [
+        (route, implementation)
+        for route in ("per_head", "shared")
+        for implementation in IMPLEMENTATIONS
+        if (route, implementation) != ("shared", "pallas")
+    ],
+)
 def test_few_regions_match_naive_eq_2_to_4(route, implementation):
     case, descriptors = tied(ROUTED)
     kind = np.asarray(case.meta.kind)
@@ -394,7 +414,8 @@ PADDED = Case(
 )
 
 
-def test_xla_gradients_equal_the_reference():
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_gradients_equal_the_reference(implementation):
     weights = jnp.asarray(np.random.default_rng(6).standard_normal(PADDED.q.shape), jnp.float32)
 
     def loss(implementation):
@@ -403,7 +424,7 @@ def test_xla_gradients_equal_the_reference():
 
         return jax.grad(f, (0, 1, 2))(PADDED.q, PADDED.k, PADDED.v)
 
-    for a, b in zip(loss("reference"), loss("xla"), strict=True):
+    for a, b in zip(loss("reference"), loss(implementation), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -447,7 +468,7 @@ def test_context_tokens_do_not_see_other_units(implementation):
     [
         (dict(top_k=0), "top_k"),
         (dict(top_k=2, routing="per_token"), "routing"),
-        (dict(top_k=2, implementation="pallas"), "implementation"),
+        (dict(top_k=2, implementation="triton"), "implementation"),
     ],
 )
 def test_invalid_options_name_the_key(options, match):

@@ -6,6 +6,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -196,3 +197,58 @@ def test_invalid_settings_name_the_key():
         _config("gaze", routing="everyone")
     with pytest.raises(ValueError, match="attention"):
         dataclasses.replace(_config().decoder, attention="sparse")
+
+
+def test_pallas_model_matches_xla_forward_gradients_and_decode():
+    """``gaze_implementation="pallas"`` (interpreted on CPU) trains and decodes like ``"xla"``."""
+    configs = {impl: _config("gaze", implementation=impl, top_k=2) for impl in ("xla", "pallas")}
+    inputs = _inputs(configs["xla"], seed=5)
+    params = nn.unbox(jax.jit(MultimodalModel(configs["xla"]).init)(jax.random.key(0), inputs))
+    params = params["params"]
+    valid = np.asarray(inputs.meta.valid)
+    targets = np.random.default_rng(6).integers(0, VOCAB, valid.shape)
+    weight = valid.astype(np.float32)
+
+    def loss_and_grad(config):
+        def loss(params):
+            logits = MultimodalModel(config).apply({"params": params}, inputs)
+            log_probs = jax.nn.log_softmax(logits)
+            picked = jnp.take_along_axis(log_probs, targets[..., None], -1)
+            return -jnp.sum(picked[..., 0] * weight) / weight.sum(), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (xla_loss, xla_logits), xla_grads = loss_and_grad(configs["xla"])
+    (pallas_loss, pallas_logits), pallas_grads = loss_and_grad(configs["pallas"])
+    np.testing.assert_allclose(np.asarray(pallas_logits)[valid], np.asarray(xla_logits)[valid],
+                               atol=1e-5)
+    np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(pallas_grads),
+                            jax.tree.leaves(xla_grads), strict=True):
+        error, scale = float(jnp.abs(a - b).max()), float(jnp.abs(b).max())
+        # 1e-4 floor: a ViT key bias has an exactly-zero gradient (softmax shift invariance)
+        assert error <= 1e-5 * max(scale, 1e-4), (jax.tree_util.keystr(path), error, scale)
+
+    # Prefill the cache with sample 0 minus its last text token, then one bounded decode step
+    # (the xla path's cache equality is test_prefill_then_decode_equals_full_forward's).
+    first = jax.tree.map(lambda x: x[:1], inputs)
+    total = int(valid[0].sum())
+    kind = np.asarray(first.meta.kind)
+    unrouted = int(((kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)).sum())
+    slot = total - 1
+    assert int(kind[0, slot]) == TokenKind.TEXT
+    config = configs["pallas"]
+    model = MultimodalModel(config)
+
+    @jax.jit
+    def prefill_and_step(params):
+        cache = KVCache.empty(config.decoder, batch=1, max_len=total, regions=first.regions)
+        prefill, cache = model.apply({"params": params}, _slice(first, slot), cache=cache)
+        meta = jax.tree.map(lambda x: x[:, slot : slot + 1], first.meta)
+        step, _ = model.apply({"params": params}, first.input_ids[:, slot : slot + 1], meta,
+                              cache, max_unrouted_tokens=unrouted, method=MultimodalModel.extend)
+        return prefill[0], step[0, 0]
+
+    prefill, step = prefill_and_step(params)
+    np.testing.assert_allclose(prefill, np.asarray(xla_logits)[0, :slot], atol=1e-5)
+    np.testing.assert_allclose(step, np.asarray(xla_logits)[0, slot], atol=1e-5)

@@ -403,7 +403,8 @@ class Decoder(nn.Module):
           top_k: regions per text query for gaze attention; default ``config.gaze_top_k``.
           max_unrouted_tokens: gaze decode steps: a static bound on the text and context
             tokens per sample in the cache, so that a step reads only those and the selected
-            regions (``implementation="xla"``); None reads everything outside the regions.
+            regions (``implementation="xla"`` or ``"pallas"``); None reads everything outside
+            the regions.
           cache: a :class:`KVCache`; the tokens are written at slots
             ``[cache.end, cache.end + seq)``. A one-token step is a decode step: it reuses the
             cached region descriptors, so it must not add visual tokens.

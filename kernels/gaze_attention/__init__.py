@@ -5,6 +5,12 @@ One function, several implementations with identical semantics:
 - ``"reference"``: masked dense attention from per-token metadata; the oracle.
 - ``"xla"``: decode (``q_len == 1``) reads only the text/context tokens and the selected
   regions; many queries (prefill, training) run blockwise over queries, differentiable.
+- ``"pallas"``: Pallas kernels (``pallas_decode.py`` for ``q_len == 1``, ``pallas_train.py``
+  flash forward + backward for many queries): Mosaic on TPU, Triton on GPU, the Pallas
+  interpreter on CPU (correct but slow: tests only).
+
+:func:`sharded_gaze_decode` runs a decode step over a KV cache sharded along its sequence axis
+(``sharded.py``), with any of these implementations.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import jax
 from gazejax.gaze import routing as routing_lib
 from gazejax.gaze.regions import RegionTable, TokenMeta
 from gazejax.gaze.routing import Selection
+from kernels.gaze_attention.pallas_decode import gaze_decode_pallas
+from kernels.gaze_attention.pallas_train import gaze_attention_pallas_train
 from kernels.gaze_attention.reference import gaze_attention_reference
+from kernels.gaze_attention.sharded import sharded_gaze_decode
 from kernels.gaze_attention.xla import gaze_attention_xla
 
-Implementation = Literal["reference", "xla"]
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla")
+Implementation = Literal["reference", "xla", "pallas"]
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla", "pallas")
 
-__all__ = ["IMPLEMENTATIONS", "Selection", "gaze_attention"]
+__all__ = ["IMPLEMENTATIONS", "Selection", "gaze_attention", "sharded_gaze_decode"]
 
 
 def gaze_attention(
@@ -64,10 +73,11 @@ def gaze_attention(
       routing: ``"per_head"`` (every query head selects) or ``"shared"`` (one selection per
         GQA group from the sum of its heads' scores).
       scale: logit scale; default ``1 / sqrt(head_dim)``.
-      implementation: ``"reference"`` or ``"xla"``.
-      max_unrouted_tokens: xla decode only: static bound on the text + context tokens of a
-        sample; with it decode reads just those and the selected regions (text queries only),
-        without it decode reads the whole cache outside the regions.
+      implementation: ``"reference"``, ``"xla"`` or ``"pallas"`` (on CPU the Pallas kernels run
+        in interpret mode: slow, for tests).
+      max_unrouted_tokens: xla and pallas decode only: static bound on the text + context
+        tokens of a sample; with it decode reads just those and the selected regions (text
+        queries only), without it decode reads the whole cache outside the regions.
       return_selection: also return the :class:`Selection` (where each query head looked).
 
     Returns:
@@ -92,8 +102,15 @@ def gaze_attention(
     else:
         if descriptors is None:
             descriptors = routing_lib.region_descriptors(key, kv_meta, regions.num_regions)
-        out, selection = gaze_attention_xla(
-            query, key, value, query_meta, kv_meta, regions, descriptors,
-            max_unrouted_tokens=max_unrouted_tokens, **options,
-        )
+        args = (query, key, value, query_meta, kv_meta, regions, descriptors)
+        if implementation == "xla":
+            out, selection = gaze_attention_xla(
+                *args, max_unrouted_tokens=max_unrouted_tokens, **options
+            )
+        elif query.shape[1] == 1:
+            out, selection = gaze_decode_pallas(
+                *args, max_unrouted_tokens=max_unrouted_tokens, **options
+            )
+        else:
+            out, selection = gaze_attention_pallas_train(*args, **options)
     return (out, selection) if return_selection else out

@@ -54,12 +54,13 @@ def selected_tokens(selection: routing_lib.Selection, kv_region: jax.Array, num_
     return jnp.take_along_axis(chosen, index, axis=-1) & (kv_region >= 0)[:, None, None, :]
 
 
-def masked_attention(query, key, value, mask, scale: float) -> jax.Array:
-    """Softmax attention under ``mask``; fully masked rows give zeros (and finite gradients).
+def masked_softmax(query, key, value, mask, scale: float) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention under ``mask``, in float32, with the log-sum-exp of the visible logits.
 
     Shapes: query [batch, q_len, num_heads, head_dim], key/value [batch, kv_len, num_kv_heads,
-    head_dim], mask [batch, q_len, num_heads, kv_len]. Computed in float32, returned in
-    ``query.dtype``.
+    head_dim], mask [batch, q_len, num_heads, kv_len]. Returns ``(out [batch, q_len, num_heads,
+    head_dim], lse [batch, q_len, num_heads])``, both float32; fully masked rows give ``out = 0``
+    and ``lse = -inf`` (and finite gradients).
     """
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
@@ -73,7 +74,45 @@ def masked_attention(query, key, value, mask, scale: float) -> jax.Array:
     total = weights.sum(axis=-1, keepdims=True)
     probs = weights / jnp.where(total > 0, total, 1.0)
     out = jnp.einsum("bqkgl,blkd->bqkgd", probs, value.astype(jnp.float32))
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+    total = total[..., 0]
+    lse = jnp.where(total > 0, peak + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return out.reshape(batch, q_len, num_heads, head_dim), lse.reshape(batch, q_len, num_heads)
+
+
+def attend_selected_reference(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    table: RegionTable,
+    selection: routing_lib.Selection,
+    *,
+    routing: routing_lib.Routing,
+    scale: float,
+    max_unrouted_tokens: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Masked dense attention given the regions each query head selected.
+
+    Args:
+      query: [batch, q_len, num_heads, head_dim] (``q_len == 1`` for decode; any works).
+      key, value: [batch, kv_len, num_kv_heads, head_dim].
+      query_meta: [batch, q_len]; kv_meta: [batch, kv_len] metadata (``kv_meta.region`` indexes
+        ``table``).
+      table: [batch, num_regions]; only ``num_regions`` is read.
+      selection: [batch, q_len, num_heads, top_k] regions of ``table`` and their validity.
+      routing, max_unrouted_tokens: unused here (the selection is already per head; the dense
+        mask reads the whole cache); accepted for a signature shared by every implementation.
+      scale: logit scale.
+
+    Returns:
+      ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len, num_heads])`` float32,
+      ``out`` normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
+    """
+    del routing, max_unrouted_tokens
+    selected = selected_tokens(selection, kv_meta.region, table.num_regions)
+    mask = visibility(query_meta, kv_meta, selected)
+    return masked_softmax(query, key, value, mask, scale)
 
 
 def attend(
@@ -94,9 +133,10 @@ def attend(
     selection = routing_lib.select_regions(
         query, descriptors, allowed, top_k=top_k, routing=routing
     )
-    selected = selected_tokens(selection, kv_meta.region, table.num_regions)
-    mask = visibility(query_meta, kv_meta, selected)
-    return masked_attention(query, key, value, mask, scale), selection
+    out, _ = attend_selected_reference(
+        query, key, value, query_meta, kv_meta, table, selection, routing=routing, scale=scale
+    )
+    return out.astype(query.dtype), selection
 
 
 def gaze_attention_reference(

@@ -7,6 +7,9 @@ beyond the region's length masked), in chunks of a few regions under an online s
 big gather feeding a dot is slow and ``scan(unroll=True)`` slower still; see :func:`_routed`
 for bfloat16.
 
+:func:`attend_selected_xla` is that attention given a selection (returning the log-sum-exp too),
+as the sequence-sharded decode (``sharded.py``) uses it.
+
 Many queries (prefill, training) run the reference math block by block over queries under
 ``jax.checkpoint``, so neither the forward nor the backward holds more than one block's
 ``[heads, block, kv_len]`` scores.
@@ -83,10 +86,48 @@ def _decode(query, key, value, query_meta, kv_meta, table, descriptors, *, top_k
     selection = routing_lib.select_regions(
         query, descriptors, allowed, top_k=top_k, routing=routing
     )
+    out, _ = attend_selected_xla(query, key, value, query_meta, kv_meta, table, selection,
+                                 routing=routing, scale=scale,
+                                 max_unrouted_tokens=max_unrouted_tokens)
+    return out.astype(query.dtype), selection
+
+
+def attend_selected_xla(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    table: RegionTable,
+    selection: routing_lib.Selection,
+    *,
+    routing: routing_lib.Routing,
+    scale: float,
+    max_unrouted_tokens: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Decode attention given the selected regions: unrouted tokens, then the regions.
+
+    Args:
+      query: [batch, 1, num_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim], region-major.
+      query_meta: [batch, 1]; kv_meta: [batch, kv_len] metadata.
+      table: [batch, num_regions] extents of the regions ``selection`` indexes.
+      selection: [batch, 1, num_heads, top_k]; with ``routing="shared"`` the heads of a GQA
+        group must hold the same selection (only the group's first head is read).
+      routing: ``"per_head"`` or ``"shared"``.
+      scale: logit scale.
+      max_unrouted_tokens: see :func:`_unrouted`.
+
+    Returns:
+      ``(out [batch, 1, num_heads, head_dim], lse [batch, 1, num_heads])`` float32, ``out``
+      normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
+    """
     state = _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens)
-    _, total, acc = _routed(query, key, value, table, selection, routing, scale, state)
-    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
-    return out.reshape(query.shape).astype(query.dtype), selection
+    peak, total, acc = _routed(query, key, value, table, selection, routing, scale, state)
+    seen = total > 0
+    out = acc / jnp.where(seen, total, 1.0)[..., None]
+    lse = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    return out.reshape(query.shape), lse.reshape(query.shape[:3])
 
 
 def _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens):

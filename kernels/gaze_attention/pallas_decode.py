@@ -1,0 +1,467 @@
+"""Pallas decode kernel for gaze attention (``q_len == 1``), TPU (Mosaic) and GPU (Triton).
+
+Same semantics as the ``"xla"`` decode. Selection stays in XLA (:func:`routing.select_regions`,
+exact ``lax.top_k`` on float32 scores); the kernel then attends, per (sample, KV head), to a
+list of *segments*, each up to ``tile`` consecutive cache slots ``start + [0, length)``:
+
+1. the *unrouted* keys the query sees (text and context tokens, at most ``max_unrouted_tokens``,
+   the same slots the xla decode gathers), found in XLA from the metadata as runs of consecutive
+   slots, cut into pieces of at most ``tile`` slots; every query head of the group uses them;
+2. the regions the GQA group selected, deduplicated: with per-head routing each region is
+   fetched once per KV head, with a bitmask of the query heads that selected it (the score rows
+   of the other heads are masked); with shared routing the group has one set, all bits set.
+
+A segment is read as one ``[tile, head_dim]`` slice of the ``[batch, kv_len, kv_heads,
+head_dim]`` cache (``tile >= m``, the region capacity); rows outside the segment (the next
+region, padding slots) are masked, their values zeroed. A slice that would run past the cache
+starts earlier instead (clamped, rows shifted) and caches shorter than a tile are padded. All
+arithmetic is float32 under an online softmax; a row that sees nothing gives ``lse = -inf`` and
+output 0.
+
+- TPU (Mosaic): grid ``(batch, kv_heads)``; segment starts, lengths, head bits and counts by
+  scalar prefetch (SMEM); K/V stay in HBM (``memory_space=ANY``); one ``fori_loop`` over the
+  segments double-buffers ``make_async_copy`` DMAs into VMEM scratch (the copy of segment
+  ``i + 1`` runs while segment ``i`` is computed). No grid step per region. ``tile`` is ``m``
+  rounded up to 16 rows (bfloat16 sublane packing). SMEM holds ``batch · (1 + 2 · pieces) +
+  batch · kv_heads · (1 + 3 · union)`` int32 (see :func:`_unrouted_pieces`,
+  :func:`_selected_regions`).
+- GPU (Triton): the same lists as ordinary operands, the same ``fori_loop`` with plain loads (no
+  scratch); power-of-two tiles (``m = 36`` -> 64 rows) and the group's query rows padded to 16,
+  Triton's smallest ``dot``.
+
+Without ``max_unrouted_tokens`` (any query kind: the whole cache outside the regions may be
+visible) the unrouted part is the xla decode's own (:func:`xla._unrouted`, which reads the whole
+cache), merged with the kernel's routed part by log-sum-exp; decode steps should pass the bound.
+
+Both kernels are tested in interpret mode and lowered for TPU and CUDA on a CPU; interpret mode
+checks no hardware rule (tiling, the strided per-KV-head DMA), so neither is proven on a device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from gazejax.gaze import routing as routing_lib
+from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
+from gazejax.gaze.routing import Selection
+from kernels.gaze_attention import reference, xla
+
+Backend = Literal["tpu", "cpu", "gpu", "cuda", "triton"]
+MAX_GROUP = 30  # query heads per KV head: one bit each in an int32 mask
+TRITON_MIN_DOT = 16  # Triton's smallest dot dimension
+
+__all__ = ["attend_selected_pallas", "gaze_decode_pallas"]
+
+
+def gaze_decode_pallas(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    table: RegionTable,
+    descriptors: jax.Array,
+    *,
+    top_k: int,
+    routing: routing_lib.Routing,
+    scale: float,
+    max_unrouted_tokens: int | None = None,
+    backend: Backend | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, Selection]:
+    """One gaze decode step: exact top-K selection in XLA, then :func:`attend_selected_pallas`.
+
+    Args:
+      query: [batch, 1, num_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim], the region-major cache.
+      query_meta: [batch, 1] metadata of the query; kv_meta: [batch, kv_len] of the cache.
+      table: [batch, num_regions] region table of the cache.
+      descriptors: [batch, num_regions, num_kv_heads, head_dim] region descriptors.
+      top_k, routing, scale, max_unrouted_tokens: as for ``gaze_attention``.
+      backend, interpret: see :func:`attend_selected_pallas`.
+
+    Returns:
+      ``(out [batch, 1, num_heads, head_dim] in query.dtype, Selection)``.
+    """
+    allowed = routing_lib.routable(query_meta, table)
+    selection = routing_lib.select_regions(
+        query, descriptors, allowed, top_k=top_k, routing=routing
+    )
+    out, _ = attend_selected_pallas(
+        query, key, value, query_meta, kv_meta, table, selection, routing=routing, scale=scale,
+        max_unrouted_tokens=max_unrouted_tokens, backend=backend, interpret=interpret,
+    )
+    return out.astype(query.dtype), selection
+
+
+def attend_selected_pallas(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    table: RegionTable,
+    selection: Selection,
+    *,
+    routing: routing_lib.Routing,
+    scale: float,
+    max_unrouted_tokens: int | None = None,
+    backend: Backend | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Decode attention over the unrouted keys and the regions of a given ``selection``.
+
+    Args:
+      query: [batch, 1, num_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim].
+      query_meta: [batch, 1]; kv_meta: [batch, kv_len].
+      table: [batch, num_regions] region table (static capacity ``m``).
+      selection: [batch, 1, num_heads, top_k] regions (identical within a GQA group when
+        ``routing == "shared"``).
+      routing: ``"per_head"`` or ``"shared"``.
+      scale: logit scale.
+      max_unrouted_tokens: static bound on a sample's text + context slots (the first that many
+        in slot order are read, as in the xla decode); ``None`` reads the unrouted part in XLA.
+      backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton), ``"cpu"`` (the
+        TPU kernel, interpreted); default from ``jax.default_backend()``.
+      interpret: run the kernel in interpret mode; default: on CPU.
+
+    Returns:
+      ``(out [batch, 1, num_heads, head_dim] float32 normalised, lse [batch, 1, num_heads]
+      float32)``; ``lse = -inf`` and ``out = 0`` where the query head sees nothing.
+    """
+    routing_lib.validate_routing(routing)
+    triton = _uses_triton(backend)
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    batch, _, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1:3]
+    group = num_heads // num_kv_heads
+    if group > MAX_GROUP:
+        raise ValueError(f"at most {MAX_GROUP} query heads per KV head, got {group}")
+    if triton and head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {head_dim}")
+    tile = _tile_rows(table.capacity, triton)
+    if max_unrouted_tokens is None:
+        empty = jnp.zeros((batch, 1), jnp.int32)
+        pieces = (empty[:, 0], empty, empty)
+    else:
+        pieces = _unrouted_pieces(query_meta, kv_meta, max_unrouted_tokens, tile)
+    regions = _selected_regions(table, selection, num_kv_heads, routing)
+    q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
+    call = _triton_call if triton else _mosaic_call
+    out, lse = call(pieces, regions, q, _at_least(key, tile), _at_least(value, tile),
+                    scale=scale, tile=tile, interpret=interpret)
+    if max_unrouted_tokens is None:
+        state = xla._unrouted(query, key, value, query_meta, kv_meta, scale, None)
+        out, lse = _merge(out, lse, state)
+    return out.reshape(batch, 1, num_heads, head_dim), lse.reshape(batch, 1, num_heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Segment lists (XLA).
+
+
+def _uses_triton(backend: str | None) -> bool:
+    backend = backend or jax.default_backend()
+    if backend in ("tpu", "cpu"):
+        return False
+    if backend in ("gpu", "cuda", "triton"):
+        return True
+    raise ValueError(f"backend must be tpu, cpu, gpu, cuda or triton, got {backend!r}")
+
+
+def _tile_rows(capacity: int, triton: bool) -> int:
+    """Rows per segment read: ``m`` up to a power of two >= 16 (Triton) or a multiple of 16."""
+    if triton:
+        return max(TRITON_MIN_DOT, pl.next_power_of_2(capacity))
+    return -(-capacity // 16) * 16
+
+
+def _at_least(cache: jax.Array, rows: int) -> jax.Array:
+    """``cache`` [batch, kv_len, ...] padded to at least ``rows`` slots (a tile must fit)."""
+    pad = rows - cache.shape[1]
+    return cache if pad <= 0 else jnp.pad(cache, [(0, 0), (0, pad)] + [(0, 0)] * (cache.ndim - 2))
+
+
+def _unrouted_pieces(query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tokens: int,
+                     tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The visible text/context slots as pieces of at most ``tile`` consecutive slots.
+
+    The slots are those the xla decode reads: the first ``max_unrouted_tokens`` text and context
+    slots of each sample, under the visibility rule of the query (causal for text).
+
+    Returns:
+      ``(count [batch], start [batch, pieces], length [batch, pieces])`` int32, pieces packed
+      first; ``pieces = min(max_unrouted_tokens, kv_len)`` (at least 1), one piece per slot at
+      worst.
+    """
+    kind = kv_meta.kind
+    kv_len = kind.shape[1]
+    keep = (kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)
+    keep &= jnp.cumsum(keep, axis=1) <= max_unrouted_tokens
+    no_regions = jnp.zeros(kind.shape, bool)[:, None, None]
+    seen = keep & reference.visibility(query_meta, kv_meta, no_regions)[:, 0, 0]
+    slot = jnp.arange(kv_len, dtype=jnp.int32)
+    after_gap = jnp.pad(~seen[:, :-1], [(0, 0), (1, 0)], constant_values=True)
+    run_start = lax.cummax(jnp.where(seen & after_gap, slot, 0), axis=1)
+    run_end = lax.cummin(jnp.where(seen, kv_len, slot), axis=1, reverse=True)
+    begins = seen & ((slot - run_start) % tile == 0)
+    size = max(1, min(max_unrouted_tokens, kv_len))
+    start = jax.vmap(lambda x: jnp.nonzero(x, size=size, fill_value=0)[0])(begins)
+    count = begins.sum(axis=1, dtype=jnp.int32)
+    end = jnp.take_along_axis(run_end, start, axis=1)
+    length = jnp.where(jnp.arange(size) < count[:, None], jnp.minimum(end - start, tile), 0)
+    return count, start.astype(jnp.int32), length.astype(jnp.int32)
+
+
+def _selected_regions(table: RegionTable, selection: Selection, num_kv_heads: int,
+                      routing: routing_lib.Routing):
+    """The distinct regions each GQA group selected, with the query heads that use each.
+
+    Returns:
+      ``(count [batch, kv_heads], start, length, heads [batch, kv_heads, union])`` int32:
+      regions packed first in ascending id, ``heads`` a bitmask over the group's query heads;
+      ``union = min(selectors · top_k, num_regions)`` (at least 1), ``selectors`` = group size
+      (per-head routing) or 1 (shared).
+    """
+    batch, _, num_heads, top_k = selection.region.shape
+    group = num_heads // num_kv_heads
+    selectors = group if routing == "per_head" else 1
+    region, valid = (
+        x[:, 0].reshape(batch, num_kv_heads, group, top_k)[:, :, :selectors]
+        for x in (selection.region, selection.valid)
+    )
+    num_regions = table.num_regions
+    ordered = jnp.sort(jnp.where(valid, region, num_regions).reshape(*region.shape[:2], -1))
+    first = jnp.concatenate(
+        [jnp.ones_like(ordered[..., :1], bool), ordered[..., 1:] != ordered[..., :-1]], axis=-1
+    )
+    union = max(1, min(selectors * top_k, num_regions))
+    ids = jnp.sort(jnp.where(first, ordered, num_regions))[..., :union]  # [b, kv_heads, union]
+    member = (valid[:, :, None] & (region[:, :, None] == ids[..., None, None])).any(-1)
+    head = jnp.arange(group, dtype=jnp.int32)
+    heads = (member[..., head * selectors // group].astype(jnp.int32) << head).sum(-1)
+    index = ids.reshape(batch, -1)
+    start, length = (  # id num_regions: an empty region
+        jnp.take_along_axis(jnp.pad(x, [(0, 0), (0, 1)]), index, axis=1).reshape(ids.shape)
+        for x in (table.start, table.length)
+    )
+    count = (ids < num_regions).sum(-1, dtype=jnp.int32)
+    return count, start.astype(jnp.int32), length.astype(jnp.int32), heads
+
+
+def _merge(out, lse, state):
+    """Merges normalised ``(out [b, kv, g, d], lse [b, kv, g])`` with an xla softmax state."""
+    peak, total, acc = state
+    seen = total > 0
+    lse_b = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    out_b = acc / jnp.where(seen, total, 1.0)[..., None]
+    merged = jnp.logaddexp(lse, lse_b)
+    safe = jnp.where(jnp.isfinite(merged), merged, 0.0)
+    weight_a, weight_b = jnp.exp(lse - safe)[..., None], jnp.exp(lse_b - safe)[..., None]
+    return weight_a * out + weight_b * out_b, merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _accumulate(state, q, keys, values, offset, length, heads, scale):
+    """Adds one segment to the online softmax ``(peak [G, 1], total [G, 1], acc [G, d])``.
+
+    ``q``: [G, d] float32; ``keys``, ``values``: [tile, d], of which rows ``offset + [0,
+    length)`` belong to the segment; ``heads``: int32 bitmask of the rows that use it.
+    """
+    peak, total, acc = state
+    rows, tile = q.shape[0], keys.shape[0]
+    token = lax.broadcasted_iota(jnp.int32, (rows, tile), 1)
+    row = lax.broadcasted_iota(jnp.int32, (rows, tile), 0)
+    mask = (token >= offset) & (token < offset + length) & (((heads >> row) & 1) == 1)
+    logits = lax.dot_general(
+        q, keys.astype(jnp.float32), (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+    )
+    logits = jnp.where(mask, logits * scale, -jnp.inf)
+    new_peak = jnp.maximum(peak, logits.max(axis=1, keepdims=True))
+    safe = jnp.where(new_peak == -jnp.inf, 0.0, new_peak)
+    rescale = jnp.exp(peak - safe)
+    weights = jnp.exp(logits - safe)
+    inside = lax.broadcasted_iota(jnp.int32, values.shape, 0)
+    inside = (inside >= offset) & (inside < offset + length)
+    values = jnp.where(inside, values.astype(jnp.float32), 0.0)  # tails may hold anything
+    contribution = lax.dot_general(
+        weights, values, (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+    )
+    return (new_peak, rescale * total + weights.sum(axis=1, keepdims=True),
+            rescale * acc + contribution)
+
+
+def _empty_state(rows: int, head_dim: int):
+    """The online-softmax state of no keys: ``(peak [rows, 1], total [rows, 1], acc)``."""
+    return (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+
+
+def _finish(state):
+    """``(out [G, d], lse [G, 1])`` of a softmax state; zeros and ``-inf`` where nothing seen."""
+    peak, total, acc = state
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    return jnp.where(seen, acc / total, 0.0), jnp.where(seen, peak + jnp.log(total), -jnp.inf)
+
+
+def _segment(i, unrouted, piece, region):
+    """``(start, length, heads)`` of segment ``i``: piece ``i``, then region ``i - unrouted``.
+
+    ``piece(n)`` / ``region(n)`` read ``(start, length, heads)`` of an in-range index ``n``.
+    """
+    routed = i >= unrouted
+    from_piece, from_region = piece(i), region(i - unrouted)
+    return tuple(jnp.where(routed, r, p) for p, r in zip(from_piece, from_region, strict=True))
+
+
+def _mosaic_kernel(piece_count, piece_start, piece_length, region_count, region_start,
+                   region_length, region_heads, q_ref, k_hbm, v_hbm, out_ref, lse_ref, k_buf,
+                   v_buf, k_sems, v_sems, *, scale, num_kv_heads, pieces, union):
+    """One (sample, KV head): a double-buffered DMA loop over its segments.
+
+    Scalar prefetch (SMEM, flattened): ``piece_*`` [batch(·pieces)], ``region_*``
+    [batch·kv_heads(·union)]. ``q_ref``/``out_ref`` [group, d], ``lse_ref`` [group, 1];
+    ``k_hbm``/``v_hbm`` [batch, kv_len, kv_heads, d] in HBM; ``*_buf`` [2, tile, d] VMEM.
+    """
+    b, j = pl.program_id(0), pl.program_id(1)
+    tile, kv_len = k_buf.shape[1], k_hbm.shape[1]
+    unrouted = piece_count[b]
+    total = unrouted + region_count[b * num_kv_heads + j]
+    all_heads = (1 << q_ref.shape[0]) - 1
+
+    def piece(n):
+        n = b * pieces + jnp.clip(n, 0, pieces - 1)
+        return piece_start[n], piece_length[n], all_heads
+
+    def region(n):
+        n = (b * num_kv_heads + j) * union + jnp.clip(n, 0, union - 1)
+        return region_start[n], region_length[n], region_heads[n]
+
+    def copies(i, slot):
+        start, length, heads = _segment(i, unrouted, piece, region)
+        fetch = jnp.minimum(start, kv_len - tile)
+        dmas = tuple(
+            pltpu.make_async_copy(hbm.at[b, pl.ds(fetch, tile), j], buf.at[slot], sems.at[slot])
+            for hbm, buf, sems in ((k_hbm, k_buf, k_sems), (v_hbm, v_buf, v_sems))
+        )
+        return dmas, (start - fetch, length, heads)
+
+    @pl.when(total > 0)
+    def _():
+        for dma in copies(0, 0)[0]:
+            dma.start()
+
+    def body(i, state):
+        slot = i % 2
+
+        @pl.when(i + 1 < total)
+        def _():
+            for dma in copies(i + 1, 1 - slot)[0]:
+                dma.start()
+
+        dmas, segment = copies(i, slot)
+        for dma in dmas:
+            dma.wait()
+        return _accumulate(state, q_ref[...], k_buf[slot], v_buf[slot], *segment, scale)
+
+    state = lax.fori_loop(0, total, body, _empty_state(*q_ref.shape))
+    out_ref[...], lse_ref[...] = _finish(state)
+
+
+def _mosaic_call(pieces, regions, q, key, value, *, scale, tile, interpret):
+    batch, num_kv_heads, group, head_dim = q.shape
+    rows = pl.BlockSpec((None, None, group, head_dim), lambda b, j, *_: (b, j, 0, 0))
+    stats = pl.BlockSpec((None, None, group, 1), lambda b, j, *_: (b, j, 0, 0))
+    kernel = functools.partial(
+        _mosaic_kernel, scale=scale, num_kv_heads=num_kv_heads, pieces=pieces[1].shape[-1],
+        union=regions[1].shape[-1],
+    )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=7,
+            grid=(batch, num_kv_heads),
+            in_specs=[rows, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=[rows, stats],
+            scratch_shapes=[
+                pltpu.VMEM((2, tile, head_dim), key.dtype),
+                pltpu.VMEM((2, tile, head_dim), value.dtype),
+                pltpu.SemaphoreType.DMA((2,)),
+                pltpu.SemaphoreType.DMA((2,)),
+            ],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="gaze_decode",
+    )(*(x.reshape(-1) for x in (*pieces, *regions)), q, key, value)
+    return out, lse[..., 0]
+
+
+def _triton_kernel(piece_count, piece_start, piece_length, region_count, region_start,
+                   region_length, region_heads, q_ref, k_ref, v_ref, out_ref, lse_ref, *, scale,
+                   group, tile):
+    """One (sample, KV head): a loop of tile loads over its segments.
+
+    ``piece_*``: [batch(, pieces)]; ``region_*``: [batch, kv_heads(, union)]; ``q_ref``,
+    ``out_ref``: [batch, kv_heads, G, d] (G = group padded to 16 rows); ``lse_ref`` [batch,
+    kv_heads, G, 1]; ``k_ref``/``v_ref`` [batch, kv_len, kv_heads, d].
+    """
+    b, j = pl.program_id(0), pl.program_id(1)
+    pieces, union, kv_len = piece_start.shape[1], region_start.shape[2], k_ref.shape[1]
+    unrouted = piece_count[b]
+    total = unrouted + region_count[b, j]
+    all_heads = (1 << group) - 1
+
+    def piece(n):
+        n = jnp.clip(n, 0, pieces - 1)
+        return piece_start[b, n], piece_length[b, n], all_heads
+
+    def region(n):
+        n = jnp.clip(n, 0, union - 1)
+        return region_start[b, j, n], region_length[b, j, n], region_heads[b, j, n]
+
+    q = q_ref[b, j]
+
+    def body(i, state):
+        start, length, heads = _segment(i, unrouted, piece, region)
+        fetch = jnp.minimum(start, kv_len - tile)
+        keys = k_ref[b, pl.ds(fetch, tile), j, :]
+        values = v_ref[b, pl.ds(fetch, tile), j, :]
+        return _accumulate(state, q, keys, values, start - fetch, length, heads, scale)
+
+    state = lax.fori_loop(0, total, body, _empty_state(*q.shape))
+    out_ref[b, j], lse_ref[b, j] = _finish(state)
+
+
+def _triton_call(pieces, regions, q, key, value, *, scale, tile, interpret):
+    batch, num_kv_heads, group, head_dim = q.shape
+    rows = max(TRITON_MIN_DOT, pl.next_power_of_2(group))
+    q = jnp.pad(q, [(0, 0), (0, 0), (0, rows - group), (0, 0)])
+    kernel = functools.partial(_triton_kernel, scale=scale, group=group, tile=tile)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="gaze_decode",
+    )(*pieces, *regions, q, key, value)
+    return out[:, :, :group], lse[:, :, :group, 0]

@@ -1,0 +1,622 @@
+"""Pallas training kernel of gaze attention: many queries (prefill, training), forward + backward.
+
+Semantics are those of ``reference`` (DESIGN.md §2–§4): a text query sees earlier text, the
+context tokens of earlier units and the tokens of its selected regions; a visual query sees every
+earlier token; a context query sees its unit's visual tokens and its unit's context tokens up to
+itself; padding sees nothing; rows that see nothing output 0 and get zero gradient. Routing
+(exact ``lax.top_k`` on float32 scores, stop-gradient) runs in XLA before the kernels, exactly as
+``reference.attend`` does it.
+
+Layout. Inside the kernels everything is head-major: queries ``[b, h, q, d]``, keys and values
+``[b, kv_heads, kv, d]``; per-token metadata is split into int32 vectors, query-side as columns
+``[b, q, 1]`` and key-side as rows ``[b, 1, kv]``, so a (query tile, key tile) pair broadcasts
+them to ``[block_q, block_kv]``. Sequences are padded to whole tiles with padding slots.
+
+Mask construction on chip. No dense ``[heads, q, kv]`` mask exists anywhere. Each kernel gets
+the selection as region ids ``[b, h, q, K]`` (``-1`` = empty slot) plus the metadata vectors,
+and per tile builds ``visible = causal/unit rules OR (key is visual AND its region is one of the
+query head's K ids)``; the membership test is a loop of K compares of a ``[block_q, 1]`` id
+column against the ``[1, block_kv]`` key regions, run only for tiles that hold a selected region.
+
+Tile skipping. A block-level pre-pass in XLA (:func:`tile_codes`) computes per
+``(batch, head, q tile, kv tile)`` a 2-bit code from compact per-tile summaries: bit 0 "some
+query may see some key of the tile without routing" (exact for the causal text/visual rules
+from the tiles' min/max positions, a superset for the context rule from unit ranges), bit 1
+"some query head of the q tile selected a region that has a key in the kv tile" (exact, from a
+``[b, h, q_tiles, num_regions]`` region bitmap and a ``[b, kv_tiles, num_regions]`` presence
+map). Codes are compacted into *plans*: per program a count and the list of its non-zero tiles,
+``(tile << 2) | code``, so each kernel's ``fori_loop`` runs over visible tiles only: no compute
+and no per-tile branch for skipped tiles, and on GPU no load either (tiles are loaded inside the
+loop). On TPU the loop's operand is a whole-sequence VMEM block, copied once per (batch, head)
+because its block index does not change along the tile axis; skipping the copy of invisible
+tiles would need a grid over kv tiles with splash-style "next visible tile" index maps (not done).
+The dK/dV pass gets the transposed plan: per kv tile the list of ``(query head of the group,
+q tile)`` pairs that see it. Skipped tiles are never read, so garbage (even NaN) in all-padding
+tiles cannot leak; in partly padded tiles padding slots are masked, but ``0 · NaN`` would still
+leak, as in any masked attention: keep padding slots finite.
+
+Forward (grid ``(b, h, q_tiles)``). A query tile stays resident; a ``fori_loop`` walks the plan's
+kv tiles (the whole kv sequence of the program's KV head is the block, as in JAX's GPU flash
+attention) with an online softmax in float32; masked logits take a finite ``MASK_VALUE`` and
+masked probabilities are forced to 0, so fully masked tiles and rows never produce inf - inf.
+It writes the output and the log-sum-exp (0 for rows that see nothing).
+
+Backward, under ``jax.custom_vjp``: ``delta = rowsum(out * d_out)`` in XLA, then two kernels that
+recompute probabilities per tile from the saved log-sum-exp. dQ: grid ``(b, h, q_tiles)``, loop
+over the plan's kv tiles. dK/dV: grid ``(b, kv_heads, kv_tiles)``, kv-major: each program owns
+one kv tile and loops over the ``(head, q tile)`` pairs of its GQA group that see it, so the sum
+over the group's query heads happens in the kernel, deterministically, without atomics.
+
+Platforms. One kernel body serves both: ``lax.platform_dependent`` picks at lowering time the
+Mosaic TPU call (plans in SMEM, all grid axes parallel) or the Triton call (power-of-two tiles,
+no scratch buffers, plans read as scalars from global memory). ``interpret=True`` (default on
+CPU) runs the Triton-style call in the Pallas interpreter. Not verified here (no device): Mosaic's
+layout passes, which run at device compile time; they want ``block_q`` a multiple of 8,
+``block_kv`` and ``head_dim`` multiples of 128. Triton wants power-of-two ``head_dim``. Each
+program holds the full kv sequence of one KV head (forward, dQ) or the full query sequence of one
+GQA group (dK/dV) as its block: fine on GPU (a pointer), on TPU it bounds the sequence length by
+VMEM; the ``[..., 1]`` metadata/statistics arrays are lane-padded in TPU memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from gazejax.gaze import routing as routing_lib
+from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+DEFAULT_BLOCK = 128
+UNROUTED, ROUTED = 1, 2  # tile code bits: visible without routing; holds a selected region
+_TILE_BITS = 22  # dK/dV plan entries: (head << 24) | (q_tile << 2) | code
+
+__all__ = ["gaze_attention_pallas_train", "tile_codes"]
+
+
+def gaze_attention_pallas_train(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    table: RegionTable,
+    descriptors: jax.Array,
+    *,
+    top_k: int,
+    routing: routing_lib.Routing,
+    scale: float,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, routing_lib.Selection]:
+    """Gaze attention of many queries with Pallas flash kernels (differentiable in q, k, v).
+
+    Args:
+      query: [batch, q_len, num_heads, head_dim].
+      key: [batch, kv_len, num_kv_heads, head_dim] (``kv_len`` may differ from ``q_len``;
+        positions come from the metadata); ``num_heads`` a multiple of ``num_kv_heads``.
+      value: [batch, kv_len, num_kv_heads, head_dim].
+      query_meta: [batch, q_len] metadata of the queries.
+      kv_meta: [batch, kv_len] metadata of the keys.
+      table: [batch, num_regions] region table of the keys.
+      descriptors: [batch, num_regions, num_kv_heads, head_dim] region descriptors (no
+        gradient flows into them).
+      top_k: K, regions per text query (per head, or per GQA group when shared).
+      routing: ``"per_head"`` or ``"shared"``.
+      scale: logit scale.
+      block_q, block_kv: tile sizes (powers of two); default ``min(128, next power of two of
+        the length)``.
+      interpret: run in the Pallas interpreter; default: when the default backend is CPU.
+
+    Returns:
+      ``(out [batch, q_len, num_heads, head_dim] in query.dtype, Selection)``.
+    """
+    routing_lib.validate_top_k(top_k)
+    routing_lib.validate_routing(routing)
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1:3]
+    if key.shape != value.shape or key.shape[-1] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"incompatible shapes: query {query.shape}, key {key.shape}, value {value.shape}"
+        )
+    group = num_heads // num_kv_heads
+    if group >= 1 << (31 - 2 - _TILE_BITS):
+        raise ValueError(f"at most 127 query heads per KV head, got {group}")
+    block_q = _block_size(block_q, q_len, "block_q")
+    block_kv = _block_size(block_kv, kv_len, "block_kv")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+
+    allowed = routing_lib.routable(query_meta, table)
+    selection = routing_lib.select_regions(
+        query, descriptors, allowed, top_k=top_k, routing=routing
+    )
+    q_meta, k_meta = _pad_meta(query_meta, block_q), _pad_meta(kv_meta, block_kv)
+    q_pad, kv_pad = q_meta.kind.shape[1] - q_len, k_meta.kind.shape[1] - kv_len
+    region = _pad_axis(selection.region, 1, q_pad, -1)  # [b, q, h, K]
+    codes = tile_codes(q_meta, k_meta, region, table.num_regions, block_q, block_kv)
+    q_plan, kv_plan = _plans(codes, group)
+    aux = _Aux(
+        q_kind=q_meta.kind[..., None],
+        q_unit=q_meta.unit[..., None],
+        q_position=q_meta.position[..., None],
+        k_kind=k_meta.kind[:, None],
+        k_unit=k_meta.unit[:, None],
+        k_region=k_meta.region[:, None],
+        k_position=k_meta.position[:, None],
+        selected=region.transpose(0, 2, 1, 3),
+        q_plan=q_plan,
+        kv_plan=kv_plan,
+    )
+    config = _Config(scale=float(scale), block_q=block_q, block_kv=block_kv, top_k=top_k,
+                     group=group, interpret=bool(interpret))
+    q = _pad_axis(query, 1, q_pad, 0).transpose(0, 2, 1, 3)
+    k, v = (_pad_axis(x, 1, kv_pad, 0).transpose(0, 2, 1, 3) for x in (key, value))
+    out = _flash(config, q, k, v, aux)
+    return out[:, :, :q_len].transpose(0, 2, 1, 3), selection
+
+
+def tile_codes(
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+    region: jax.Array,
+    num_regions: int,
+    block_q: int,
+    block_kv: int,
+) -> jax.Array:
+    """Which (query tile, kv tile) pairs need computing: the block-level pre-pass.
+
+    Args:
+      query_meta: [batch, q_len] metadata of the queries.
+      kv_meta: [batch, kv_len] metadata of the keys.
+      region: [batch, q_len, num_heads, K] selected region ids (``Selection.region``, ``-1``
+        for empty slots).
+      num_regions: static number of region slots.
+      block_q, block_kv: tile sizes; lengths are padded up to whole tiles.
+
+    Returns:
+      [batch, num_heads, q_tiles, kv_tiles] int32 codes: 0 when no query of the tile sees any key
+      of the tile (the kernels skip it), else bit :data:`UNROUTED` (a causal/unit rule may apply)
+      and/or bit :data:`ROUTED` (a query head of the tile selected a region with keys in the
+      tile). Every visible pair lies in a non-zero tile.
+    """
+    query_meta, kv_meta = _pad_meta(query_meta, block_q), _pad_meta(kv_meta, block_kv)
+    region = _pad_axis(region, 1, query_meta.kind.shape[1] - region.shape[1], -1)
+    batch, _, num_heads, top_k = region.shape
+    q_kind, q_unit, q_pos = (
+        x.reshape(batch, -1, block_q)
+        for x in (query_meta.kind, query_meta.unit, query_meta.position)
+    )
+    k_kind, k_unit, k_region, k_pos = (
+        x.reshape(batch, -1, block_kv)
+        for x in (kv_meta.kind, kv_meta.unit, kv_meta.region, kv_meta.position)
+    )
+    num_q_tiles, num_kv_tiles = q_kind.shape[1], k_kind.shape[1]
+    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+
+    def most(x, where):  # [b, tiles]; ``low`` for an empty set
+        return jnp.max(jnp.where(where, x, low), axis=-1)
+
+    def least(x, where):
+        return jnp.min(jnp.where(where, x, high), axis=-1)
+
+    q_context = q_kind == TokenKind.CONTEXT
+    k_unit_holder = (k_kind == TokenKind.VISUAL) | (k_kind == TokenKind.CONTEXT)
+    text_q = most(q_pos, q_kind == TokenKind.TEXT)[:, :, None]
+    visual_q = most(q_pos, q_kind == TokenKind.VISUAL)[:, :, None]
+    text_or_context_k = least(
+        k_pos, (k_kind == TokenKind.TEXT) | (k_kind == TokenKind.CONTEXT)
+    )[:, None, :]
+    valid_k = least(k_pos, k_kind != TokenKind.PADDING)[:, None, :]
+    q_units = least(q_unit, q_context)[:, :, None], most(q_unit, q_context)[:, :, None]
+    k_units = least(k_unit, k_unit_holder)[:, None, :], most(k_unit, k_unit_holder)[:, None, :]
+    units_meet = (k_units[0] <= q_units[1]) & (q_units[0] <= k_units[1])
+    unrouted = (text_or_context_k <= text_q) | (valid_k <= visual_q) | units_meet
+
+    # Region bitmaps: [b·h·q_tiles, R] selected somewhere in the q tile, [b·kv_tiles, R] present.
+    selected = region.transpose(0, 2, 1, 3).reshape(-1, block_q * top_k)
+    chosen = _bitmap(jnp.where(selected >= 0, selected, num_regions), num_regions)
+    visual = k_kind == TokenKind.VISUAL
+    present = _bitmap(jnp.where(visual, k_region, num_regions).reshape(-1, block_kv), num_regions)
+    routed = jnp.einsum(
+        "bhqr,bkr->bhqk",
+        chosen.reshape(batch, num_heads, num_q_tiles, num_regions),
+        present.reshape(batch, num_kv_tiles, num_regions),
+    )
+    return unrouted[:, None].astype(jnp.int32) * UNROUTED + (routed > 0).astype(jnp.int32) * ROUTED
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA-side preparation.
+
+
+class _Aux(NamedTuple):
+    """Integer operands of the kernels (no gradient).
+
+    ``q_*``: [b, q, 1] query metadata; ``k_*``: [b, 1, kv] key metadata; ``selected``:
+    [b, h, q, K] region ids; ``q_plan``: [b, h, q_tiles, 1 + kv_tiles]; ``kv_plan``:
+    [b, kv_heads, kv_tiles, 1 + group · q_tiles] (see :func:`_plan`).
+    """
+
+    q_kind: jax.Array
+    q_unit: jax.Array
+    q_position: jax.Array
+    k_kind: jax.Array
+    k_unit: jax.Array
+    k_region: jax.Array
+    k_position: jax.Array
+    selected: jax.Array
+    q_plan: jax.Array
+    kv_plan: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static parameters of the kernels (hashable: the custom_vjp's non-differentiable arg)."""
+
+    scale: float
+    block_q: int
+    block_kv: int
+    top_k: int
+    group: int
+    interpret: bool
+
+
+def _block_size(block: int | None, length: int, name: str) -> int:
+    if block is None:
+        return min(DEFAULT_BLOCK, pl.next_power_of_2(length))
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"{name} must be a power of two, got {block}")
+    return block
+
+
+def _pad_axis(x: jax.Array, axis: int, pad: int, fill) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _pad_meta(meta: TokenMeta, block: int) -> TokenMeta:
+    """``meta`` padded with padding slots to a multiple of ``block``."""
+    pad = -meta.kind.shape[1] % block
+    return jax.tree.map(lambda x: _pad_axis(x, 1, pad, TokenKind.PADDING), meta)
+
+
+def _bitmap(ids: jax.Array, num_regions: int) -> jax.Array:
+    """[rows, n] ids in ``[0, num_regions]`` → [rows, num_regions] float32 0/1 (id R dropped)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    bitmap = jnp.zeros((ids.shape[0], num_regions + 1), jnp.float32).at[rows, ids].set(1.0)
+    return bitmap[:, :num_regions]
+
+
+def _plans(codes: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """Work lists of the kernels from tile codes [b, h, q_tiles, kv_tiles].
+
+    Returns ``q_plan`` [b, h, q_tiles, 1 + kv_tiles] (forward, dQ: kv tiles per q tile) and
+    ``kv_plan`` [b, kv_heads, kv_tiles, 1 + group · q_tiles] (dK/dV: per kv tile, the
+    ``(head within the group, q tile)`` pairs, as ``head << 22 | q_tile``).
+    """
+    batch, num_heads, num_q_tiles, num_kv_tiles = codes.shape
+    q_plan = _plan(codes, jnp.arange(num_kv_tiles, dtype=jnp.int32))
+    per_group = codes.reshape(batch, num_heads // group, group, num_q_tiles, num_kv_tiles)
+    per_group = per_group.transpose(0, 1, 4, 2, 3).reshape(*per_group.shape[:2], num_kv_tiles, -1)
+    heads = jnp.arange(group, dtype=jnp.int32)[:, None] << _TILE_BITS
+    kv_plan = _plan(per_group, (heads | jnp.arange(num_q_tiles, dtype=jnp.int32)).reshape(-1))
+    return q_plan, kv_plan
+
+
+def _plan(codes: jax.Array, ids: jax.Array) -> jax.Array:
+    """Compacts tile codes into per-program work lists.
+
+    Args:
+      codes: [..., n] tile codes (0 = skip).
+      ids: [n] int32 tile identifiers (< 2**29).
+
+    Returns:
+      [..., 1 + n] int32: the number ``c`` of non-zero codes, then ``(id << 2) | code`` of those
+      tiles in order (entries after the first ``c`` are unused).
+    """
+    order = jnp.argsort(codes == 0, axis=-1, stable=True)
+    entries = (ids[order] << 2) | jnp.take_along_axis(codes, order, axis=-1)
+    count = jnp.sum(codes != 0, axis=-1, keepdims=True, dtype=jnp.int32)
+    return jnp.concatenate([count, entries.astype(jnp.int32)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp: forward saves the log-sum-exp; backward = dQ kernel + kv-major dK/dV kernel.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(config: _Config, q, k, v, aux: _Aux) -> jax.Array:
+    """q [b, h, q, d], k/v [b, kv_heads, kv, d] (padded, head-major) → out [b, h, q, d]."""
+    return _forward(config, q, k, v, aux)[0]
+
+
+def _flash_fwd(config, q, k, v, aux):
+    out, lse = _forward(config, q, k, v, aux)
+    return out, (q, k, v, aux, out, lse)
+
+
+def _flash_bwd(config, residuals, d_out):
+    q, k, v, aux, out, lse = residuals
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), -1, keepdims=True)
+    dq = _backward_q(config, q, k, v, d_out, lse, delta, aux)
+    dk, dv = _backward_kv(config, q, k, v, d_out, lse, delta, aux)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+class _Spec(NamedTuple):
+    """A BlockSpec before the platform is known; ``plan`` ones go to SMEM on TPU."""
+
+    block: tuple
+    index: Callable
+    plan: bool = False
+
+
+def _call(config: _Config, kernel, name: str, grid, in_specs, out_specs, out_shape, *operands):
+    """``pallas_call`` for the interpreter, or per platform (Mosaic TPU / Triton) at lowering.
+
+    ``operands`` start with the plan, then the queries ``[b, h, q, head_dim]``.
+    """
+    head_dim = operands[1].shape[-1]
+
+    def call(platform: str, *operands):
+        def spec(s: _Spec) -> pl.BlockSpec:
+            if s.plan and platform == "tpu":
+                return pl.BlockSpec(s.block, s.index, memory_space=pltpu.SMEM)
+            return pl.BlockSpec(s.block, s.index)
+
+        if platform == "tpu":
+            params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
+        else:
+            params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        return pl.pallas_call(
+            functools.partial(kernel, config=config),
+            grid=grid,
+            in_specs=[spec(s) for s in in_specs],
+            out_specs=[spec(s) for s in out_specs],
+            out_shape=out_shape,
+            compiler_params=params,
+            interpret=config.interpret,
+            name=name,
+        )(*operands)
+
+    if config.interpret:
+        return call("interpret", *operands)
+    return lax.platform_dependent(
+        *operands, tpu=functools.partial(call, "tpu"), default=functools.partial(call, "gpu")
+    )
+
+
+def _plan_spec(plan: jax.Array) -> _Spec:
+    """All plans of the program's (batch, head): a (rows, 1 + n) SMEM block on TPU (Mosaic
+    wants the last two block dims whole); the kernel reads row ``pl.program_id(2)``."""
+    return _Spec((None, None, *plan.shape[2:]), lambda b, h, t: (b, h, 0, 0), plan=True)
+
+
+def _meta_specs(config: _Config, q_len: int, kv_len: int, q_tiled: bool):
+    """Specs of the 3 query and 4 key metadata vectors: tiled on one side, whole on the other."""
+    if q_tiled:  # grid (b, h, q tile): one q tile, the whole kv sequence
+        q_spec = _Spec((None, config.block_q, 1), lambda b, h, t: (b, t, 0))
+        k_spec = _Spec((None, 1, kv_len), lambda b, h, t: (b, 0, 0))
+    else:  # grid (b, kv_head, kv tile)
+        q_spec = _Spec((None, q_len, 1), lambda b, h, t: (b, 0, 0))
+        k_spec = _Spec((None, 1, config.block_kv), lambda b, h, t: (b, 0, t))
+    return [q_spec] * 3 + [k_spec] * 4
+
+
+def _aux_operands(aux: _Aux):
+    """The metadata vectors and the selection, in kernel argument order."""
+    return (aux.q_kind, aux.q_unit, aux.q_position,
+            aux.k_kind, aux.k_unit, aux.k_region, aux.k_position, aux.selected)
+
+
+def _forward(config: _Config, q, k, v, aux: _Aux):
+    """Flash forward: (out [b, h, q, d] in q.dtype, log-sum-exp [b, h, q, 1] float32)."""
+    batch, num_heads, q_len, head_dim = q.shape
+    kv_len, g, bq = k.shape[2], config.group, config.block_q
+    grid = (batch, num_heads, q_len // bq)
+    q_tile = _Spec((None, None, bq, head_dim), lambda b, h, t: (b, h, t, 0))
+    kv_whole = _Spec((None, None, kv_len, head_dim), lambda b, h, t: (b, lax.div(h, g), 0, 0))
+    in_specs = [
+        _plan_spec(aux.q_plan),
+        q_tile, kv_whole, kv_whole,
+        *_meta_specs(config, q_len, kv_len, q_tiled=True),
+        _Spec((None, None, bq, config.top_k), lambda b, h, t: (b, h, t, 0)),
+    ]
+    out_specs = [q_tile, _Spec((None, None, bq, 1), lambda b, h, t: (b, h, t, 0))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, num_heads, q_len, 1), jnp.float32)]
+    return _call(config, _forward_kernel, "gaze_flash_forward", grid, in_specs, out_specs,
+                 out_shape, aux.q_plan, q, k, v, *_aux_operands(aux))
+
+
+def _backward_q(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
+    """dQ [b, h, q, d]: per query tile, over the plan's kv tiles."""
+    batch, num_heads, q_len, head_dim = q.shape
+    kv_len, g, bq = k.shape[2], config.group, config.block_q
+    grid = (batch, num_heads, q_len // bq)
+    q_tile = _Spec((None, None, bq, head_dim), lambda b, h, t: (b, h, t, 0))
+    row_tile = _Spec((None, None, bq, 1), lambda b, h, t: (b, h, t, 0))
+    kv_whole = _Spec((None, None, kv_len, head_dim), lambda b, h, t: (b, lax.div(h, g), 0, 0))
+    in_specs = [
+        _plan_spec(aux.q_plan),
+        q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile,
+        *_meta_specs(config, q_len, kv_len, q_tiled=True),
+        _Spec((None, None, bq, config.top_k), lambda b, h, t: (b, h, t, 0)),
+    ]
+    (dq,) = _call(config, _backward_q_kernel, "gaze_flash_backward_q", grid, in_specs, [q_tile],
+                  [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+                  aux.q_plan, q, k, v, d_out, lse, delta, *_aux_operands(aux))
+    return dq
+
+
+def _backward_kv(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
+    """dK, dV [b, kv_heads, kv, d]: per kv tile, over its GQA group's (head, q tile) plan."""
+    batch, num_kv_heads, kv_len, head_dim = k.shape
+    q_len, g, bkv = q.shape[2], config.group, config.block_kv
+    grid = (batch, num_kv_heads, kv_len // bkv)
+    kv_tile = _Spec((None, None, bkv, head_dim), lambda b, h, t: (b, h, t, 0))
+    group_whole = _Spec((None, g, q_len, head_dim), lambda b, h, t: (b, h, 0, 0))
+    group_rows = _Spec((None, g, q_len, 1), lambda b, h, t: (b, h, 0, 0))
+    in_specs = [
+        _plan_spec(aux.kv_plan),
+        group_whole, kv_tile, kv_tile, group_whole, group_rows, group_rows,
+        *_meta_specs(config, q_len, kv_len, q_tiled=False),
+        _Spec((None, g, q_len, config.top_k), lambda b, h, t: (b, h, 0, 0)),
+    ]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    return _call(config, _backward_kv_kernel, "gaze_flash_backward_kv", grid, in_specs,
+                 [kv_tile, kv_tile], out_shape,
+                 aux.kv_plan, q, k, v, d_out, lse, delta, *_aux_operands(aux))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel bodies (shared by Mosaic TPU, Triton and the interpreter).
+
+
+def _visible(q_meta, k_meta, code, selected_column, top_k: int) -> jax.Array:
+    """[block_q, block_kv] bool: who sees what (DESIGN.md §2) inside one tile.
+
+    ``q_meta``: (kind, unit, position) [block_q, 1]; ``k_meta``: (kind, unit, region, position)
+    [1, block_kv]; ``selected_column(i)``: [block_q, 1] i-th selected region id of each query.
+    """
+    q_kind, q_unit, q_pos = q_meta
+    k_kind, k_unit, k_region, k_pos = k_meta
+    causal = k_pos <= q_pos
+    k_visual, k_context = k_kind == TokenKind.VISUAL, k_kind == TokenKind.CONTEXT
+
+    def add_region(i, hit):
+        return hit | (selected_column(i) == k_region)
+
+    rounds = jnp.where((code & ROUTED) != 0, top_k, 0)
+    routed = lax.fori_loop(0, rounds, add_region, jnp.zeros(causal.shape, jnp.bool_))
+    text = (causal & ((k_kind == TokenKind.TEXT) | k_context)) | (k_visual & routed)
+    visual = causal & (k_kind != TokenKind.PADDING)
+    context = (k_unit == q_unit) & (k_visual | (k_context & causal))
+    return (
+        ((q_kind == TokenKind.TEXT) & text)
+        | ((q_kind == TokenKind.VISUAL) & visual)
+        | ((q_kind == TokenKind.CONTEXT) & context)
+    )
+
+
+def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
+    """``a·b`` contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``, in f32."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _masked_logits(q, k, mask, scale: float) -> jax.Array:
+    return jnp.where(mask, _dot(q, k, (1, 1)) * scale, MASK_VALUE)
+
+
+def _q_tile_entry(entry):
+    """Forward/dQ plan entry → (kv tile, code)."""
+    return entry >> 2, entry & 3
+
+
+def _kv_tile_entry(entry):
+    """dK/dV plan entry → (query head within the group, q tile, code)."""
+    return entry >> (2 + _TILE_BITS), (entry >> 2) & ((1 << _TILE_BITS) - 1), entry & 3
+
+
+def _forward_kernel(plan_ref, q_ref, k_ref, v_ref, q_kind_ref, q_unit_ref, q_pos_ref,
+                    k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref, sel_ref, o_ref, lse_ref,
+                    *, config: _Config):
+    bq, bkv = config.block_q, config.block_kv
+    row = pl.program_id(2)  # this program's plan (read outside loops: interpret mode)
+    q = q_ref[...]
+    q_meta = (q_kind_ref[...], q_unit_ref[...], q_pos_ref[...])
+    k_meta_refs = (k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref)
+
+    def body(i, carry):
+        acc, peak, total = carry
+        tile, code = _q_tile_entry(plan_ref[row, i + 1])
+        cols = pl.ds(pl.multiple_of(tile * bkv, bkv), bkv)
+        k_meta = tuple(r[:, cols] for r in k_meta_refs)
+        mask = _visible(q_meta, k_meta, code, lambda c: sel_ref[:, pl.ds(c, 1)], config.top_k)
+        logits = _masked_logits(q, k_ref[cols, :], mask, config.scale)
+        new_peak = jnp.maximum(peak, jnp.max(logits, axis=1, keepdims=True))
+        probs = jnp.where(mask, jnp.exp(logits - new_peak), 0.0)
+        rescale = jnp.exp(peak - new_peak)
+        total = total * rescale + jnp.sum(probs, axis=1, keepdims=True)
+        v = v_ref[cols, :]
+        acc = acc * rescale + _dot(probs.astype(v.dtype), v, (1, 0))
+        return acc, new_peak, total
+
+    init = (jnp.zeros((bq, q.shape[1]), jnp.float32),
+            jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+            jnp.zeros((bq, 1), jnp.float32))
+    acc, peak, total = lax.fori_loop(0, plan_ref[row, 0], body, init)
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    o_ref[...] = jnp.where(seen, acc / total, 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, peak + jnp.log(total), 0.0)
+
+
+def _backward_q_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                       q_kind_ref, q_unit_ref, q_pos_ref, k_kind_ref, k_unit_ref, k_region_ref,
+                       k_pos_ref, sel_ref, dq_ref, *, config: _Config):
+    bkv = config.block_kv
+    row = pl.program_id(2)
+    q, d_out, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_meta = (q_kind_ref[...], q_unit_ref[...], q_pos_ref[...])
+    k_meta_refs = (k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref)
+
+    def body(i, dq):
+        tile, code = _q_tile_entry(plan_ref[row, i + 1])
+        cols = pl.ds(pl.multiple_of(tile * bkv, bkv), bkv)
+        k_meta = tuple(r[:, cols] for r in k_meta_refs)
+        mask = _visible(q_meta, k_meta, code, lambda c: sel_ref[:, pl.ds(c, 1)], config.top_k)
+        k = k_ref[cols, :]
+        probs = jnp.where(mask, jnp.exp(_masked_logits(q, k, mask, config.scale) - lse), 0.0)
+        d_logits = probs * (_dot(d_out, v_ref[cols, :], (1, 1)) - delta)
+        return dq + _dot(d_logits.astype(k.dtype), k, (1, 0))
+
+    dq = lax.fori_loop(0, plan_ref[row, 0], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * config.scale).astype(dq_ref.dtype)
+
+
+def _backward_kv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                        q_kind_ref, q_unit_ref, q_pos_ref, k_kind_ref, k_unit_ref, k_region_ref,
+                        k_pos_ref, sel_ref, dk_ref, dv_ref, *, config: _Config):
+    bq = config.block_q
+    row = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    k_meta = (k_kind_ref[...], k_unit_ref[...], k_region_ref[...], k_pos_ref[...])
+
+    def body(i, carry):
+        dk, dv = carry
+        head, tile, code = _kv_tile_entry(plan_ref[row, i + 1])
+        rows = pl.ds(pl.multiple_of(tile * bq, bq), bq)
+        q_meta = (q_kind_ref[rows, :], q_unit_ref[rows, :], q_pos_ref[rows, :])
+        mask = _visible(
+            q_meta, k_meta, code, lambda c: sel_ref[head, rows, pl.ds(c, 1)], config.top_k
+        )
+        q, d_out = q_ref[head, rows, :], do_ref[head, rows, :]
+        logits = _masked_logits(q, k, mask, config.scale)
+        probs = jnp.where(mask, jnp.exp(logits - lse_ref[head, rows, :]), 0.0)
+        dv = dv + _dot(probs.astype(d_out.dtype), d_out, (0, 0))
+        d_logits = probs * (_dot(d_out, v, (1, 1)) - delta_ref[head, rows, :])
+        dk = dk + _dot(d_logits.astype(q.dtype), q, (0, 0))
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, plan_ref[row, 0], body, (zeros, zeros))
+    dk_ref[...] = (dk * config.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)

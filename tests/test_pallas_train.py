@@ -1,0 +1,235 @@
+"""The Pallas training kernel (interpret mode on CPU) against the reference, and its lowering."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gazejax.gaze import routing
+from gazejax.gaze.regions import (
+    TextSegment,
+    VisualSegment,
+    batch_layouts,
+    build_layout,
+)
+from kernels.gaze_attention import reference
+from kernels.gaze_attention.pallas_train import gaze_attention_pallas_train, tile_codes
+
+
+def make_case(samples, region_size, heads, head_dim, dtype, pad_regions=False, seed=0):
+    """Metadata of ``samples`` and random q, k, v (padding slots random too), loss weights."""
+    layouts = [build_layout(s, region_size, 2, pad_regions) for s in samples]
+    meta, table = batch_layouts(layouts)
+    rng = np.random.default_rng(seed)
+    batch, length = meta.kind.shape
+    num_heads, num_kv_heads = heads
+    q, k, v, weights = (
+        jnp.asarray(rng.standard_normal((batch, length, h, head_dim)), dtype)
+        for h in (num_heads, num_kv_heads, num_kv_heads, num_heads)
+    )
+    return meta, table, q, k, v, weights
+
+
+@functools.partial(
+    jax.jit, static_argnames=("implementation", "top_k", "route", "block_q", "block_kv")
+)
+def run(q, k, v, weights, query_meta, kv_meta, table, descriptors, *, implementation, top_k,
+        route, block_q=None, block_kv=None):
+    """(out, selection, (dq, dk, dv)) of ``sum(out * weights)`` for one implementation."""
+    options = dict(top_k=top_k, routing=route, scale=q.shape[-1] ** -0.5)
+
+    def loss(q, k, v):
+        if implementation == "reference":
+            out, selection = reference.gaze_attention_reference(
+                q, k, v, query_meta, kv_meta, table.num_regions, descriptors, **options
+            )
+        else:
+            out, selection = gaze_attention_pallas_train(
+                q, k, v, query_meta, kv_meta, table, descriptors, block_q=block_q,
+                block_kv=block_kv, **options,
+            )
+        return jnp.sum(out.astype(jnp.float32) * weights), (out, selection)
+
+    (_, (out, selection)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, selection, grads
+
+
+def assert_close(actual, expected, tol):
+    """Max error relative to the larger of 1 and the largest expected magnitude."""
+    actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
+    assert np.isfinite(actual).all()
+    error = np.abs(actual - expected).max(initial=0.0)
+    assert error <= tol * max(1.0, np.abs(expected).max(initial=0.0)), error
+
+
+# name: (samples, region_size, pad_regions, (heads, kv_heads), head_dim, dtype, top_k, routing,
+#        (block_q, block_kv), first query slot, tie descriptors)
+CASES = {
+    "gqa1 d64 K=1 two images": (
+        [[TextSegment(3), VisualSegment(4, 4), TextSegment(3), VisualSegment(3, 5),
+          TextSegment(4)]],
+        (2, 2), False, (2, 2), 64, jnp.float32, 1, "per_head", (8, 16), 0, False,
+    ),
+    "gqa2 d128 K=all shared, padded regions, ragged batch": (
+        [[TextSegment(2), VisualSegment(5, 5), TextSegment(4)],
+         [TextSegment(3), VisualSegment(3, 3), TextSegment(2)]],
+        (2, 2), True, (4, 2), 128, jnp.float32, "all", "shared", (16, 8), 0, False,
+    ),
+    "gqa4 d128 K>regions bf16 ragged edges": (
+        [[TextSegment(2), VisualSegment(5, 7), TextSegment(5)]],
+        (3, 3), False, (4, 1), 128, jnp.bfloat16, 9, "per_head", (8, 8), 0, False,
+    ),
+    "gqa8 d64 K=2 shared ties, video, text-only sample, query suffix": (
+        [[TextSegment(2), VisualSegment(3, 4, frames=2), TextSegment(6)],
+         [TextSegment(12)]],
+        (2, 2, 1), False, (8, 1), 64, jnp.float32, 2, "shared", (8, 16), 9, True,
+    ),
+    "gqa2 d64 K=3 bf16 per_head, padded regions": (
+        [[TextSegment(3), VisualSegment(4, 6), TextSegment(2), VisualSegment(2, 2),
+          TextSegment(4)]],
+        (2, 2), True, (2, 1), 64, jnp.bfloat16, 3, "per_head", (16, 16), 0, True,
+    ),
+}
+
+
+def prepare(name):
+    (samples, region_size, pad_regions, heads, head_dim, dtype, top_k, route, blocks, first,
+     ties) = CASES[name]
+    meta, table, q, k, v, weights = make_case(
+        samples, region_size, heads, head_dim, dtype, pad_regions, seed=len(name)
+    )
+    descriptors = routing.region_descriptors(k, meta, table.num_regions)
+    if ties:  # regions 2 and 3 score exactly like region 1
+        descriptors = descriptors.at[:, 2:4].set(descriptors[:, 1:2])
+    query_meta = jax.tree.map(lambda x: x[:, first:], meta)
+    top_k = table.num_regions if top_k == "all" else top_k
+    args = (q[:, first:], k, v, weights[:, first:], query_meta, meta, table, descriptors)
+    options = dict(top_k=top_k, route=route)
+    return args, options, dict(block_q=blocks[0], block_kv=blocks[1])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_forward_and_gradients_equal_the_reference(name):
+    args, options, blocks = prepare(name)
+    q = args[0]
+    tol = 1e-5 if q.dtype == jnp.float32 else 1e-2
+    expected, expected_selection, expected_grads = run(
+        *args, implementation="reference", **options
+    )
+    out, selection, grads = run(*args, implementation="pallas", **options, **blocks)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, expected, tol)
+    np.testing.assert_array_equal(selection.region, expected_selection.region)
+    np.testing.assert_array_equal(selection.valid, expected_selection.valid)
+    for grad, expected_grad, x in zip(grads, expected_grads, args[:3], strict=True):
+        assert grad.dtype == x.dtype
+        assert_close(grad, expected_grad, tol)
+    padding = ~np.asarray(args[4].valid)
+    assert (np.asarray(out)[padding] == 0).all() and (np.asarray(grads[0])[padding] == 0).all()
+    kv_padding = ~np.asarray(args[5].valid)
+    for grad in grads[1:]:
+        assert (np.asarray(grad)[kv_padding] == 0).all()
+
+
+def test_skipped_tiles_are_never_read():
+    """NaN in the slots of all-padding tiles cannot reach anything: those tiles are skipped.
+
+    (Without skipping, a masked probability of 0 times a NaN value is still NaN.)
+    """
+    name = "gqa2 d128 K=all shared, padded regions, ragged batch"
+    args, options, blocks = prepare(name)
+    valid = np.asarray(args[4].valid)
+    batch, length = valid.shape
+
+    def dead_slots(block):  # [b, length, 1, 1]: slots whose whole tile is padding
+        tiles = np.pad(valid, [(0, 0), (0, -length % block)]).reshape(batch, -1, block)
+        return ~np.repeat(tiles.any(axis=-1), block, axis=1)[:, :length, None, None]
+
+    dead = [dead_slots(blocks["block_q"])] + [dead_slots(blocks["block_kv"])] * 2
+    assert all(d.any() for d in dead)
+    poisoned = tuple(jnp.where(d, jnp.nan, x) for d, x in zip(dead, args[:3], strict=True))
+    clean = run(*args, implementation="pallas", **options, **blocks)
+    dirty = run(*poisoned, *args[3:], implementation="pallas", **options, **blocks)
+    np.testing.assert_array_equal(dirty[0], clean[0])
+    for a, b in zip(dirty[2], clean[2], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tile_codes_skip_exactly_the_invisible_tiles():
+    samples = [[TextSegment(4), VisualSegment(8, 8), TextSegment(20)]]
+    meta, table, q, k, _, _ = make_case(samples, (2, 2), (2, 1), 8, jnp.float32)
+    block = 8
+
+    @jax.jit
+    def codes_and_visibility(q, k, meta, table):
+        descriptors = routing.region_descriptors(k, meta, table.num_regions)
+        allowed = routing.routable(meta, table)
+        selection = routing.select_regions(q, descriptors, allowed, top_k=1, routing="per_head")
+        codes = tile_codes(meta, meta, selection.region, table.num_regions, block, block)
+        chosen = reference.selected_tokens(selection, meta.region, table.num_regions)
+        return codes, reference.visibility(meta, meta, chosen)
+
+    codes, visible = (np.asarray(x) for x in codes_and_visibility(q, k, meta, table))
+    batch, length, heads, _ = visible.shape
+    tiles = -(-length // block)
+    padded = np.zeros((batch, tiles * block, heads, tiles * block), bool)
+    padded[:, :length, :, :length] = visible
+    per_tile = padded.reshape(batch, tiles, block, heads, tiles, block).any(axis=(2, 5))
+    per_tile = per_tile.transpose(0, 2, 1, 3)  # visible [b, q, h, kv] → [b, h, q/kv tiles]
+    assert codes.shape == per_tile.shape
+    assert not (per_tile & (codes == 0)).any()  # never skips a visible pair
+    # Exact here (one unit: the context rule's unit ranges are exact too), and many tiles skip.
+    np.testing.assert_array_equal(codes != 0, per_tile)
+    assert (codes != 0).sum() < 0.6 * codes.size
+    # Membership tests only where a selected region has keys: few of the computed tiles.
+    assert 0 < (codes & 2).astype(bool).sum() < 0.25 * (codes != 0).sum()
+
+
+def test_block_sizes_must_be_powers_of_two():
+    args, options, _ = prepare("gqa1 d64 K=1 two images")
+    q, k, v, _, query_meta, kv_meta, table, descriptors = args
+    with pytest.raises(ValueError, match="block_q"):
+        gaze_attention_pallas_train(
+            q, k, v, query_meta, kv_meta, table, descriptors, top_k=1, routing="per_head",
+            scale=0.1, block_q=12,
+        )
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_lowers_for_tpu_and_gpu(platform):
+    """Forward and backward lower to Mosaic TPU / Triton custom calls on this CPU-only host.
+
+    This covers Pallas's own lowering (jaxpr → Mosaic / Triton IR, shape rules of each backend);
+    Mosaic's layout passes and the Triton compiler run only on a device.
+    """
+    samples = [[TextSegment(5), VisualSegment(12, 12), TextSegment(40)]]
+    meta, table, q, k, v, _ = make_case(samples, (6, 6), (4, 2), 128, jnp.bfloat16, True)
+    descriptors = routing.region_descriptors(k, meta, table.num_regions)
+
+    def forward(q, k, v):
+        return gaze_attention_pallas_train(
+            q, k, v, meta, meta, table, descriptors, top_k=2, routing="per_head", scale=0.1,
+            block_q=64, block_kv=128, interpret=False,
+        )[0]
+
+    def backward(q, k, v):
+        return jax.grad(lambda *x: forward(*x).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
+
+    target = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}[platform]
+    for fn, names in (
+        (forward, ["gaze_flash_forward"]),
+        (backward, ["gaze_flash_forward", "gaze_flash_backward_q", "gaze_flash_backward_kv"]),
+    ):
+        try:
+            text = jax.jit(fn).trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
+        except ValueError as error:  # e.g. a lowering rule that asks for the device kind
+            if "device" not in str(error):
+                raise
+            pytest.skip(f"{type(error).__name__}: {error}")
+        calls = re.findall(r"custom_call @(\S+)\(", text)
+        assert calls == [target] * len(names)
+        for name in names:
+            assert name in text
