@@ -412,3 +412,19 @@ def test_save_writes_a_readable_tokenizer_json(tokenizer, tmp_path):
     text = "<|im_start|>user\n<image>\nhow many red objects?<|im_end|>\n"
     assert loaded.encode(text).ids == tokenizer.encode(text).ids
     assert loaded.get_vocab() == tokenizer.get_vocab()
+
+
+def test_without_jitter_objects_are_centred_in_their_cells():
+    """``jitter=False`` (the default config's 96 px, 6 x 6 layout): every object's box is
+    centred in its cell, so an object aligned with a 16 px patch always looks the same."""
+    config = SyntheticConfig(image_size=96, grid=6, object_sizes=(0.6, 0.85), jitter=False)
+    source = SyntheticVQA(config, "train", size=10**6)
+    cell = config.image_size // config.grid
+    for i in range(60):
+        example = source[i]
+        check_example(example, config)
+        for obj in example["objects"]:
+            y0, x0, y1, x1 = obj["bbox"]
+            side = y1 - y0
+            offset = (cell - side) // 2
+            assert (y0 % cell, x0 % cell) == (offset, offset), obj

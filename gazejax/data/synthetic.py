@@ -103,6 +103,8 @@ class SyntheticConfig:
     - ``video_frames``: frames per clip; one new object appears in each frame after the first.
     - ``shapes``, ``colors``: the subsets of ``SHAPES`` and ``COLORS`` used (>= 3 each).
     - ``object_sizes``: sides of small and large objects, as fractions of a cell's side.
+    - ``jitter``: place each object at a random offset inside its cell (at least a pixel from
+      its edges); ``False`` centres it, so an object aligned with a patch always looks the same.
     - ``background``: range of the background's grey level; ``noise``: std of per-pixel Gaussian
       noise; both in [0, 1] pixel units (before the mapping to [-1, 1]).
     - ``tasks``: task name (``TASKS``) → sampling weight; a weight of 0 disables the task.
@@ -117,6 +119,7 @@ class SyntheticConfig:
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLORS)
     object_sizes: tuple[float, float] = (0.5, 0.75)
+    jitter: bool = True
     background: tuple[float, float] = (0.0, 0.3)
     noise: float = 0.02
     tasks: Mapping[str, float] = dataclasses.field(
@@ -372,13 +375,18 @@ def _mask(shape: str, side: int) -> np.ndarray:
     return mask
 
 
+def _offset(rng: np.random.Generator, room: int, jitter: bool) -> int:
+    """An object's offset in its cell: random in ``[1, room)`` with ``jitter``, else centred."""
+    return int(rng.integers(1, room)) if jitter else room // 2
+
+
 def _render(
     rng: np.random.Generator, config: SyntheticConfig, objects: Sequence[_Object], num_frames: int
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """Pixels float32 [num_frames, H, W, 3] in [-1, 1], and each object's (y0, x0, y1, x1) box.
 
-    An object sits at a random offset inside its cell, at least a pixel from the cell's edges,
-    and is drawn in every frame from its first on.
+    An object sits at a random offset inside its cell, at least a pixel from the cell's edges
+    (centred without ``config.jitter``), and is drawn in every frame from its first on.
     """
     cell = config.image_size // config.grid
     sides = config.object_sides
@@ -387,7 +395,7 @@ def _render(
     boxes = []
     for obj in objects:
         side = sides[obj.size]
-        y0, x0 = (k * cell + int(rng.integers(1, cell - side)) for k in obj.cell)
+        y0, x0 = (k * cell + _offset(rng, cell - side, config.jitter) for k in obj.cell)
         box = pixels[obj.frame :, y0 : y0 + side, x0 : x0 + side]  # a view
         box[:, _mask(obj.shape, side)] = COLORS[obj.color]
         boxes.append((y0, x0, y0 + side, x0 + side))
