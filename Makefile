@@ -2,13 +2,14 @@
 #   make train   the main job on the embedded default (synthetic set, tiny model, CPU);
 #                CONFIG=... and WORKDIR=... override, e.g. CONFIG=configs/synthetic.py:runlocal
 #   make test    the test suite (what CI runs)
+#   make reproduce  train the default dense and gaze models, then sweep methods x KV budgets
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/synthetic
 CONFIG ?= configs/synthetic.py
 
-.PHONY: install train test lint
+.PHONY: install train test lint reproduce
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.txt
@@ -19,6 +20,13 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 
 train: install
 	$(PY) -m gazejax.train --config $(CONFIG) --workdir $(WORKDIR)
+
+SWEEP := --methods dense,gaze,dense_reduced,evict_question --budgets 0.11,0.22,0.44
+reproduce: install
+	$(PY) -m gazejax.train --config configs/synthetic.py --workdir runs/dense_default
+	$(PY) -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze_default
+	$(PY) -m gazejax.evaluate --workdir runs/gaze_default $(SWEEP)
+	$(PY) -m gazejax.evaluate --workdir runs/dense_default $(SWEEP)
 
 test: install
 	$(PY) -m pytest
