@@ -2,7 +2,9 @@ r"""Evaluate a trained workdir: a jitted sweep over methods × KV budgets × ben
 
     python -m gazejax.evaluate --workdir runs/gaze \
         [--methods dense,gaze,dense_reduced,evict_question] [--budgets 0.11,0.22,0.44] \
-        [--examples 288] [--benchmarks synthetic] [--batch-size 16] [--out runs/gaze/eval]
+        [--examples 288] [--benchmarks synthetic,jsonl:PATH[:NAME]] [--batch-size 16] \
+        [--image-root DIR] [--video-root DIR] [--max-frames 8] [--fps 1] [--jsonl-limit N] \
+        [--out runs/gaze/eval]
 
 writes ``OUT/results.json`` (DESIGN.md §6: one record per method, budget and benchmark),
 ``OUT/results.md`` (a table) and ``OUT/score_vs_kv.png`` (score against visual KV fraction).
@@ -46,6 +48,31 @@ Benchmark ``synthetic``: the synthetic set's eval split (the workdir's data sett
 ``ceil(N / tasks)`` examples per enabled task, scored per task, per family (single_region,
 multi_region, counting, video) and overall (the mean over examples). The prompt is the training
 template (ChatML with the workdir's system prompt), logged in ``results.json``.
+
+Benchmark ``jsonl:PATH[:NAME]`` (NAME: default the file's stem): a generic JSONL file, one
+question a line: ``{"question": str, "image": str | [str] (optional), "video": str (a file or a
+folder of frames, optional), "options": [str] (optional), "answer": str, "id": optional}``.
+Images are read relative to ``--image-root`` (default: the file's folder), videos relative to
+``--video-root`` (default: the image root), sampled as in training (``--max-frames``, default
+the workdir's, at ``--fps``). The prompt is the training template with the question as the user
+turn, after one ``<image>\n`` per image (one for the video) unless the question has its own
+placeholders; logged in ``results.json``. Every method scores it the same way, from the same
+teacher-forced forward as above:
+
+- multiple choice (``options`` present), metric ``option_loglik_accuracy``: one sequence per
+  option, the option's text as the whole assistant answer (options are not listed in the
+  prompt); an option's score is the summed log-probability of its tokens and the closing
+  ``<|im_end|>`` (so a prefix of another option is not favoured); correct when the best option
+  (the first on ties) is the answer, given as an option's text or its letter (``B``, ``B.``,
+  ``(B)``). Option rows are packed like any sequence: one compilation per bucket shape,
+  whatever the number of options.
+- open-ended (no options), metric ``exact_match``: the teacher-forced exact match above
+  (every answer token and ``<|im_end|>`` the argmax), not free generation.
+
+A file with both kinds gives two records per method (one per metric); each record carries
+``per_example`` (id, line, correct; for multiple choice the chosen letter and every option's
+log-likelihood) and ``by_family`` by visual kind (image, video, text, ``Nimages``). A bad line
+raises :class:`~gazejax.data.records.DataError` naming the file and line before anything runs.
 """
 
 from __future__ import annotations
@@ -55,6 +82,8 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,9 +96,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gazejax.cost import regions_per_unit
 from gazejax.data.batches import synthetic_examples
+from gazejax.data.images import read_image
 from gazejax.data.packing import Text, Visual, pack_batch
+from gazejax.data.pipeline import example_items
+from gazejax.data.records import DataError, Location
 from gazejax.data.synthetic import TASKS
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
+from gazejax.data.video import read_video
+from gazejax.data.vocab import IMAGE_TOKEN, UNK_TOKEN, VIDEO_TOKEN
 from gazejax.gaze.regions import TokenKind, validate_region_size
 from gazejax.generate import Checkpoint, load_checkpoint, with_attention
 from gazejax.models.attention import apply_rope, rope_cos_sin
@@ -80,7 +114,7 @@ from gazejax.train import answer_exact_match
 BUDGET_METHODS = ("gaze", "dense_reduced", "evict_question")
 METHODS = ("dense", *BUDGET_METHODS, "token_compression")
 FAMILIES = ("single_region", "multi_region", "counting", "video")
-BENCHMARKS = ("synthetic",)
+BENCHMARKS = ("synthetic", "jsonl:PATH[:NAME]")
 DEFAULT_BUDGETS = (0.11, 0.22, 0.44)
 COLORS = {
     "dense": (0, 0, 0),
@@ -337,9 +371,17 @@ def _plain_logits(model: MultimodalModel) -> Callable:
     return logits
 
 
+def answer_loglik(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """float32 ``[batch]``: the summed log-probability of the supervised tokens (the targets)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets >= 0, picked, 0.0).sum(-1)
+
+
 def _jitted(runner: Runner) -> Callable:
     def score(params, inputs, targets, top_k):
-        return answer_exact_match(runner.logits(params, inputs, targets, top_k), targets)
+        logits = runner.logits(params, inputs, targets, top_k)
+        return answer_exact_match(logits, targets), answer_loglik(logits, targets)
 
     return jax.jit(score, static_argnums=(3,))
 
@@ -349,10 +391,15 @@ def _jitted(runner: Runner) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+    """One scored sequence. A multiple-choice question is one Example per option (``group``:
+    the question's index in its benchmark, ``option``: the option's; -1 when not a choice)."""
+
     items: list
     task: str
     family: str
     bucket: str
+    group: int = -1
+    option: int = -1
 
 
 def _tuples(config: dict) -> dict:
@@ -386,6 +433,288 @@ def synthetic_benchmark(raw_config: dict, tokenizer, examples: int) -> tuple[lis
         "template": "ChatML (the training template); answers scored teacher-forced",
     }
     return out, info
+
+
+# --- Generic JSONL benchmarks ------------------------------------------------------------------
+
+JSONL_KEYS = ("question", "image", "video", "options", "answer", "id")
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+JSONL_PROMPT = (
+    "ChatML (the training template, the checkpoint's system prompt); the user turn is the "
+    "question as written, after one '<image>\\n' per image (or one for the video) unless it "
+    "has its own <image>/<video> placeholders; the assistant turn is the scored answer"
+)
+JSONL_SCORING = {
+    "option_loglik_accuracy": (
+        "multiple choice (options present): one teacher-forced forward per option, the option's "
+        "text as the whole assistant answer; its score is the summed log-probability of the "
+        "option's tokens and the closing <|im_end|>; correct when the highest-scoring option "
+        "(first on ties) is the answer (the answer is an option's text or its letter A, B, ...). "
+        "Options are not listed in the prompt."
+    ),
+    "exact_match": (
+        "open-ended (no options): teacher-forced argmax of every answer token and the closing "
+        "<|im_end|> (as the synthetic benchmark); not free generation"
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlSpec:
+    """A ``jsonl:PATH[:NAME]`` benchmark (NAME: default the file's stem)."""
+
+    path: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> JsonlSpec:
+        if not text.startswith("jsonl:") or len(text) == len("jsonl:"):
+            raise ValueError(f"a JSONL benchmark is jsonl:PATH[:NAME], got {text!r}")
+        rest = text[len("jsonl:") :]
+        head, sep, name = rest.rpartition(":")
+        if sep and name and "/" not in name and head.endswith((".jsonl", ".json")):
+            return cls(head, name)
+        return cls(rest, pathlib.Path(rest).stem)
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlQuestion:
+    """A validated line: its location, id, question, visual paths, options and answer (the
+    option index for multiple choice, else the text)."""
+
+    location: Location
+    id: str
+    question: str
+    images: tuple[str, ...]
+    video: str | None
+    options: tuple[str, ...] | None
+    answer: str | int
+
+
+def parse_jsonl_line(value, where: Location) -> JsonlQuestion:
+    """Validates one decoded line of a JSONL benchmark (see :func:`jsonl_benchmark`).
+
+    Raises:
+      DataError: at ``where`` (file and line), saying what is wrong.
+    """
+    error = where.error
+    if not isinstance(value, dict):
+        raise error(f"a line is a JSON object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(JSONL_KEYS))
+    if unknown:
+        raise error(f"unknown key(s) {unknown}; known: {', '.join(JSONL_KEYS)}")
+    question = value.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise error(f"'question' is not a non-empty string: {question!r}")
+    answer = value.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise error(f"'answer' is not a non-empty string: {answer!r}")
+    images = value.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise error(f"'image' is neither a path nor a list of paths: {value.get('image')!r}")
+    video = value.get("video")
+    if video is not None and not (isinstance(video, str) and video):
+        raise error(f"'video' is not a path: {video!r}")
+    if video is not None and images:
+        raise error("a line has 'image' or 'video', not both")
+    visuals = 1 if video is not None else len(images)
+    placeholders = question.count(IMAGE_TOKEN) + question.count(VIDEO_TOKEN)
+    if placeholders and placeholders != visuals:
+        raise error(
+            f"{placeholders} {IMAGE_TOKEN}/{VIDEO_TOKEN} placeholder(s) in the question for "
+            f"{visuals} image(s)/video(s)",
+            "placeholder",
+        )
+    options = value.get("options")
+    if options is not None:
+        if (
+            not isinstance(options, list)
+            or not all(isinstance(o, str) and o.strip() for o in options)
+            or not 2 <= len(options) <= len(OPTION_LETTERS)
+        ):
+            raise error(f"'options' is not a list of 2 to 26 non-empty strings: {options!r}")
+        stripped = [o.strip() for o in options]
+        if len(set(stripped)) != len(stripped):
+            raise error(f"duplicate options: {options!r}")
+        letter = re.fullmatch(r"\(?([A-Za-z])[.)]?", answer.strip())
+        if answer.strip() in stripped:
+            answer = stripped.index(answer.strip())
+        elif letter and OPTION_LETTERS.index(letter[1].upper()) < len(options):
+            answer = OPTION_LETTERS.index(letter[1].upper())
+        else:
+            raise error(
+                f"answer {answer!r} is neither an option's text nor a letter "
+                f"A-{OPTION_LETTERS[len(options) - 1]}"
+            )
+        options = tuple(options)
+    return JsonlQuestion(
+        location=where,
+        id=str(value.get("id", f"{pathlib.Path(where.path).name}:{where.line}")),
+        question=question,
+        images=tuple(images),
+        video=video,
+        options=options,
+        answer=answer,
+    )
+
+
+def read_jsonl_questions(path: str | pathlib.Path, limit: int | None = None) -> list:
+    """The validated lines of a JSONL benchmark (blank lines skipped; the first ``limit``).
+
+    Raises:
+      DataError: the file is unreadable, or a line is malformed (naming the file and line).
+    """
+    path = pathlib.Path(path)
+    if path.suffix != ".jsonl":
+        raise DataError("a JSONL benchmark is a .jsonl file", path, kind="file")
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                if limit is not None and len(out) >= limit:
+                    break
+                where = Location(str(path), line=number)
+                try:
+                    value = json.loads(raw)
+                except (ValueError, RecursionError) as exc:
+                    raise where.error(f"malformed JSON: {exc}", "json") from exc
+                out.append(parse_jsonl_line(value, where))
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc}", path, kind="file") from exc
+    if not out:
+        raise DataError("no questions in the file", path, kind="file")
+    return out
+
+
+def jsonl_benchmark(
+    spec: JsonlSpec,
+    checkpoint: Checkpoint,
+    image_root: str | None = None,
+    video_root: str | None = None,
+    max_frames: int | None = None,
+    fps: float = 1.0,
+    limit: int | None = None,
+) -> tuple[list[Example], list[JsonlQuestion], dict]:
+    """A generic JSONL benchmark: one Example per open-ended question, one per option of a
+    multiple-choice question (see ``JSONL_PROMPT`` and ``JSONL_SCORING``).
+
+    Each line: ``{"question": str, "image": str | [str] (optional), "video": str (a file or a
+    folder of frames, optional), "options": [str] (optional), "answer": str, "id": optional}``.
+    Image paths are relative to ``image_root`` (default: the file's folder), videos to
+    ``video_root`` (default: ``image_root``); absolute paths are used as they are.
+
+    Raises:
+      DataError: a bad line, or a missing / unreadable image or video (naming the line).
+    """
+    questions = read_jsonl_questions(spec.path, limit)
+    image_root = pathlib.Path(image_root or pathlib.Path(spec.path).parent)
+    video_root = pathlib.Path(video_root) if video_root else image_root
+    max_frames = int(max_frames or checkpoint.max_frames)
+    image_size = checkpoint.config.vit.image_size
+    tokenizer, system_prompt = checkpoint.tokenizer, checkpoint.system_prompt
+    unk = tokenizer.token_to_id(UNK_TOKEN)
+    out, unknown = [], 0
+    for index, q in enumerate(questions):
+        try:
+            if q.video is not None:
+                frames, _ = read_video(
+                    video_root / q.video, image_size=image_size, max_frames=max_frames, fps=fps
+                )
+                visuals = [frames]
+            else:
+                visuals = [read_image(image_root / p, image_size)[None] for p in q.images]
+        except DataError as error:  # name the line that asked for the image or video
+            raise q.location.error(f"id {q.id!r}: {error}", error.kind) from error
+        question = q.question.replace(VIDEO_TOKEN, IMAGE_TOKEN)
+        if IMAGE_TOKEN not in question:
+            question = f"{IMAGE_TOKEN}\n" * len(visuals) + question
+        answers = [q.answer] if q.options is None else list(q.options)
+        if q.video is not None:
+            bucket = "video"
+        else:
+            bucket = (
+                ("text", "image")[len(visuals)] if len(visuals) < 2 else f"{len(visuals)}images"
+            )
+        task = "open_ended" if q.options is None else "multiple_choice"
+        has_unknown = False
+        for option, answer in enumerate(answers):
+            conversation = [
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": answer},
+            ]
+            items = example_items(conversation, visuals, tokenizer, IMAGE_TOKEN, system_prompt)
+            has_unknown |= any(
+                unk is not None and (x.ids == unk).any() for x in items if isinstance(x, Text)
+            )
+            option = -1 if q.options is None else option
+            out.append(Example(items, task, bucket, bucket, index, option))
+        unknown += has_unknown
+    info = {
+        "path": os.path.abspath(spec.path),
+        "image_root": os.path.abspath(image_root),
+        "video_root": os.path.abspath(video_root),
+        "max_frames": max_frames,
+        "fps": fps,
+        "questions": len(questions),
+        "multiple_choice": sum(q.options is not None for q in questions),
+        "open_ended": sum(q.options is None for q in questions),
+        "system_prompt": system_prompt,
+        "template": JSONL_PROMPT,
+        "scoring": {
+            k: v
+            for k, v in JSONL_SCORING.items()
+            if any((q.options is not None) == (k == "option_loglik_accuracy") for q in questions)
+        },
+        "questions_with_unknown_tokens": unknown,
+    }
+    return out, questions, info
+
+
+def jsonl_records(
+    runner: Runner, results: dict, benchmark: str, questions: Sequence[JsonlQuestion]
+) -> list[dict]:
+    """The results.json records of a JSONL benchmark: one per metric present
+    (``option_loglik_accuracy`` over the multiple-choice questions, ``exact_match`` over the
+    open-ended ones), each with ``per_example`` (id, line, correct; choice and option
+    log-likelihoods for multiple choice)."""
+    rows: dict[int, list[int]] = {}
+    for row, group in enumerate(results["group"]):
+        rows.setdefault(group, []).append(row)
+    out = []
+    for metric in ("option_loglik_accuracy", "exact_match"):
+        choice = metric == "option_loglik_accuracy"
+        groups = [g for g in sorted(rows) if (questions[g].options is not None) == choice]
+        if not groups:
+            continue
+        sub = {k: [] for k in ("exact", "task", "family", "visual_kv", "context_kv", "dense_kv")}
+        per_example = []
+        for g in groups:
+            q = questions[g]
+            first = rows[g][0]
+            entry = {"id": q.id, "line": q.location.line}
+            if choice:
+                by_option = {results["option"][r]: results["loglik"][r] for r in rows[g]}
+                logliks = [by_option[o] for o in range(len(q.options))]
+                chosen = int(np.argmax(logliks))
+                correct = chosen == q.answer
+                entry.update(correct=correct, choice=OPTION_LETTERS[chosen], logliks=logliks)
+            else:
+                correct = bool(results["exact"][first])
+                entry.update(correct=correct, loglik=results["loglik"][first])
+            per_example.append(entry)
+            sub["exact"].append(correct)
+            for key in ("task", "family", "visual_kv", "context_kv", "dense_kv"):
+                sub[key].append(results[key][first])
+        sub["seconds"], sub["top_k"] = results["seconds"], results["top_k"]
+        r = record(runner, sub, benchmark)
+        r["metric"] = metric
+        del r["by_task"]
+        r["per_example"] = per_example
+        out.append(r)
+    return out
 
 
 def _shape(config: MultimodalConfig, examples: Sequence[Example]) -> tuple[int, int, int]:
@@ -442,7 +771,8 @@ def run_method(
         full = (config.vit.grid, config.vit.grid)
     capacity = math.prod(config.region_size)
     packed = {} if packed is None else packed
-    results = {k: [] for k in ("exact", "task", "family", "visual_kv", "context_kv", "dense_kv")}
+    keys = ("exact", "loglik", "group", "option", "task", "family")
+    results = {k: [] for k in (*keys, "visual_kv", "context_kv", "dense_kv")}
     top_ks = {}
     start = time.monotonic()
     for bucket in sorted({e.bucket for e in examples}):
@@ -459,7 +789,8 @@ def run_method(
             if key not in packed:
                 packed[key] = pack_batch([e.items for e in padded], config, *shape, pad_id)
             inputs, targets = packed[key]
-            exact = np.asarray(score(checkpoint.params, inputs, targets, top_k))[: len(batch)]
+            exact, loglik = score(checkpoint.params, inputs, targets, top_k)
+            exact, loglik = np.asarray(exact)[: len(batch)], np.asarray(loglik)[: len(batch)]
             kind = np.asarray(inputs.meta.kind)[: len(batch)]
             num_visual = (kind == TokenKind.VISUAL).sum(-1)
             num_context = (kind == TokenKind.CONTEXT).sum(-1)
@@ -472,6 +803,9 @@ def run_method(
             else:
                 visual_kv = num_visual
             results["exact"] += exact.astype(bool).tolist()
+            results["loglik"] += loglik.astype(float).tolist()
+            results["group"] += [e.group for e in batch]
+            results["option"] += [e.option for e in batch]
             results["task"] += [e.task for e in batch]
             results["family"] += [e.family for e in batch]
             results["visual_kv"] += visual_kv.astype(float).tolist()
@@ -551,8 +885,18 @@ def sweep(
     benchmarks: Sequence[str] = ("synthetic",),
     batch_size: int | None = None,
     progress: bool = True,
+    image_root: str | None = None,
+    video_root: str | None = None,
+    max_frames: int | None = None,
+    fps: float = 1.0,
+    jsonl_limit: int | None = None,
 ) -> dict:
-    """Runs every method on every benchmark; the ``results.json`` content."""
+    """Runs every method on every benchmark; the ``results.json`` content.
+
+    ``benchmarks``: ``"synthetic"`` (``examples`` of the synthetic eval split) and
+    ``"jsonl:PATH[:NAME]"`` (every line, or the first ``jsonl_limit``; see
+    :func:`jsonl_benchmark` for ``image_root``, ``video_root``, ``max_frames`` and ``fps``).
+    """
     base = checkpoint.config
     notes = []
     trained = base.decoder.attention
@@ -573,19 +917,33 @@ def sweep(
     pad_token = raw_config.get("data", {}).get("pad_token", "<|endoftext|>")
     pad_id = checkpoint.tokenizer.token_to_id(pad_token) or 0
     records, bench_info = [], {}
-    for benchmark in benchmarks:
-        if benchmark != "synthetic":
+    loaded = []
+    for benchmark in benchmarks:  # load (and validate) every benchmark before the long part
+        if benchmark == "synthetic":
+            chosen, info = synthetic_benchmark(raw_config, checkpoint.tokenizer, examples)
+            loaded.append((benchmark, chosen, None, info))
+        elif benchmark.startswith("jsonl:"):
+            spec = JsonlSpec.parse(benchmark)
+            if spec.name in bench_info or spec.name == "synthetic":
+                raise ValueError(f"two benchmarks named {spec.name!r}: name one jsonl:PATH:NAME")
+            chosen, questions, info = jsonl_benchmark(
+                spec, checkpoint, image_root, video_root, max_frames, fps, jsonl_limit
+            )
+            loaded.append((spec.name, chosen, questions, info))
+        else:
             raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
-        chosen, bench_info[benchmark] = synthetic_benchmark(
-            raw_config, checkpoint.tokenizer, examples
-        )
+        bench_info[loaded[-1][0]] = loaded[-1][3]
+    for benchmark, chosen, questions, _ in loaded:
         bar = _Progress(len(chosen) * len(methods), progress)
         packed: dict = {}
         try:
             for method in methods:
                 runner = make_runner(base, method)
                 results = run_method(checkpoint, runner, chosen, batch_size, pad_id, bar, packed)
-                records.append(record(runner, results, benchmark))
+                if questions is None:
+                    records.append(record(runner, results, benchmark))
+                else:
+                    records += jsonl_records(runner, results, benchmark, questions)
         finally:
             bar.close()
     return {
@@ -603,6 +961,7 @@ def sweep(
             "teacher-forced argmax of every answer token (gazejax.train.answer_exact_match); "
             "answer queries = slots with a target"
         ),
+        "jsonl_scoring": JSONL_SCORING,
         "benchmarks": bench_info,
         "notes": notes,
         "records": records,
@@ -616,6 +975,9 @@ def markdown_table(results: dict) -> str:
     """Rows method@budget; columns KV %, overall and the families."""
     lines = []
     for benchmark in results["benchmarks"]:
+        if benchmark != "synthetic":
+            lines += _jsonl_table(results, benchmark)
+            continue
         lines += [
             f"### {benchmark} (exact match, %)",
             "",
@@ -642,10 +1004,50 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
-    """Score against visual KV fraction per method: overall, then one panel per family."""
+METRIC_NAMES = {
+    "exact_match": "exact match",
+    "option_loglik_accuracy": "option log-likelihood accuracy",
+}
+
+
+def _jsonl_table(results: dict, benchmark: str) -> list[str]:
+    """A JSONL benchmark's sections: one per metric, columns by visual kind."""
     records = [r for r in results["records"] if r["benchmark"] == benchmark]
-    panels = ["overall", *[f for f in FAMILIES if any(f in r["by_family"] for r in records)]]
+    lines = []
+    for metric in dict.fromkeys(r["metric"] for r in records):
+        chosen = [r for r in records if r["metric"] == metric]
+        kinds = list(dict.fromkeys(k for r in chosen for k in r["by_family"]))
+        lines += [
+            f"### {benchmark} ({METRIC_NAMES.get(metric, metric)}, %)",
+            "",
+            "| method | visual KV % | KV % (+ctx) | score | "
+            + "".join(f"{k} | " for k in kinds)
+            + "examples | s |",
+            "|---|---:|---:|---:|" + "---:|" * len(kinds) + "---:|---:|",
+        ]
+        for r in chosen:
+            by_kind = [
+                f"{100 * r['by_family'][k]['score']:.1f}" if k in r["by_family"] else "–"
+                for k in kinds
+            ]
+            lines.append(
+                f"| {r['label']} | {100 * r['visual_kv_fraction']:.1f} | "
+                f"{100 * r['kv_fraction']:.1f} | {100 * r['score']:.1f} | "
+                + "".join(f"{x} | " for x in by_kind)
+                + f"{r['num_examples']} | {r['seconds']:.0f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
+    """Score against visual KV fraction per method: overall, then one panel per family (a
+    JSONL benchmark: its first metric)."""
+    records = [r for r in results["records"] if r["benchmark"] == benchmark]
+    records = [r for r in records if r["metric"] == records[0]["metric"]] if records else []
+    families = [*FAMILIES, *dict.fromkeys(f for r in records for f in r["by_family"])]
+    families = [f for f in dict.fromkeys(families) if any(f in r["by_family"] for r in records)]
+    panels = ["overall", *families]
     pw, ph, margin = 300, 240, 40
     legend_h = 24
     width = len(panels) * (pw + margin) + margin
@@ -680,7 +1082,8 @@ def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
             radius = max(6 - order, 2)
             for x, y in xy:
                 draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
-    draw.text((margin, ph + margin + 18), "x: visual KV fraction   y: exact match", fill=(0, 0, 0))
+    metric = METRIC_NAMES.get(records[0]["metric"], "score") if records else "score"
+    draw.text((margin, ph + margin + 18), f"x: visual KV fraction   y: {metric}", fill=(0, 0, 0))
     x = width // 3
     for name in dict.fromkeys(r["method"] for r in records):
         color = COLORS.get(name, (127, 127, 127))
@@ -696,7 +1099,9 @@ def write_reports(results: dict, out: str) -> None:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown_table(results))
-    draw_plot(results, os.path.join(out, "score_vs_kv.png"))
+    benchmarks = list(results["benchmarks"])
+    plotted = "synthetic" if "synthetic" in benchmarks else benchmarks[0]
+    draw_plot(results, os.path.join(out, "score_vs_kv.png"), plotted)
 
 
 # --- Command line ------------------------------------------------------------------------------
@@ -724,7 +1129,26 @@ def _parser() -> argparse.ArgumentParser:
         help="fractions of a sample's visual KV entries (gaze: K = round(f * regions))",
     )
     parser.add_argument("--examples", type=int, default=288, help="examples per benchmark")
-    parser.add_argument("--benchmarks", default="synthetic", help="comma-separated: synthetic")
+    parser.add_argument(
+        "--benchmarks",
+        default="synthetic",
+        help="comma-separated: synthetic, jsonl:PATH[:NAME] (a generic JSONL benchmark)",
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="JSONL image paths are relative to it (the file's folder)",
+    )
+    parser.add_argument(
+        "--video-root", default=None, help="JSONL video paths are relative to it (--image-root)"
+    )
+    parser.add_argument(
+        "--max-frames", type=int, default=None, help="frames per JSONL video (the training data's)"
+    )
+    parser.add_argument("--fps", type=float, default=1.0, help="JSONL video sampling rate")
+    parser.add_argument(
+        "--jsonl-limit", type=int, default=None, help="score the first N lines of each JSONL"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     parser.add_argument("--out", default=None, help="default: WORKDIR/eval")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -749,6 +1173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             [b.strip() for b in args.benchmarks.split(",") if b.strip()],
             args.batch_size,
             progress=not args.no_progress,
+            image_root=args.image_root,
+            video_root=args.video_root,
+            max_frames=args.max_frames,
+            fps=args.fps,
+            jsonl_limit=args.jsonl_limit,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,10 +14,13 @@ import pytest
 from gazejax import evaluate as ev
 from gazejax.checkpointing import Checkpointer
 from gazejax.configuration import base_config
+from gazejax.data.images import read_image
 from gazejax.data.packing import pack_batch
+from gazejax.data.pipeline import example_items
+from gazejax.data.records import DataError
 from gazejax.data.vocab import build_tokenizer, vocabulary
 from gazejax.gaze.regions import TokenKind
-from gazejax.generate import load_checkpoint
+from gazejax.generate import load_checkpoint, with_attention
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from gazejax.train import TrainState
@@ -176,3 +179,176 @@ def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
     model = MultimodalModel(dense_cfg)
     _, kept = jax.jit(lambda p, i, t: ev.evict_masks(model, p, i, t, 0.1))(params, inputs, targets)
     np.testing.assert_array_equal(np.asarray(kept).sum(-1), 3)
+
+
+# --- Generic JSONL benchmarks ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jsonl_file(tmp_path_factory):
+    """A small JSONL benchmark: 3 multiple-choice lines and 2 open-ended ones (one a video, a
+    folder of frames), with PNGs drawn here."""
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("bench")
+    for name, color, size in (
+        ("a", "red", (40, 24)),
+        ("b", "blue", (32, 32)),
+        ("c", "green", (24, 40)),
+    ):
+        image = Image.new("RGB", size, "black")
+        ImageDraw.Draw(image).rectangle([2, 2, 14, 14], fill=color)
+        image.save(root / f"{name}.png")
+    (root / "clip").mkdir()
+    for t in range(3):
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).ellipse([4 * t, 4, 4 * t + 10, 14], fill="purple")
+        image.save(root / "clip" / f"f{t}.png")
+    lines = [
+        {
+            "id": "mc1",
+            "question": "what color is the square?",
+            "image": "a.png",
+            "options": ["red", "blue", "green"],
+            "answer": "A",
+        },
+        {
+            "question": "<image>\nhow many objects?",
+            "image": "b.png",
+            "options": ["one", "two"],
+            "answer": "two",
+        },
+        {
+            "question": "which shape is the object?",
+            "image": "c.png",
+            "options": ["square", "circle", "triangle", "cross"],
+            "answer": "(C)",
+        },
+        {"question": "what color is the square?", "image": "b.png", "answer": "blue"},
+        {
+            "question": "what shape appears in the first frame?",
+            "video": "clip",
+            "answer": "a purple circle",
+        },
+    ]
+    path = root / "mini.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    return path
+
+
+def test_jsonl_spec_and_bad_lines(tmp_path):
+    assert ev.JsonlSpec.parse("jsonl:x/mme.jsonl") == ev.JsonlSpec("x/mme.jsonl", "mme")
+    assert ev.JsonlSpec.parse("jsonl:x/mme.jsonl:MME") == ev.JsonlSpec("x/mme.jsonl", "MME")
+    good = {"question": "what color?", "options": ["red", "blue"], "answer": "B"}
+    bad = [
+        ("{not json", "malformed JSON"),
+        ({**good, "answer": "C"}, "neither an option's text nor a letter A-B"),
+        ({**good, "options": ["red"]}, "'options'"),
+        ({"question": "what color?"}, "'answer'"),
+        ({**good, "image": "a.png", "video": "v.mp4"}, "not both"),
+        ({**good, "image": "a.png", "question": "<image><image> what?"}, "placeholder"),
+        ({**good, "colour": 1}, "unknown key"),
+    ]
+    for value, message in bad:
+        path = tmp_path / "bad.jsonl"
+        text = value if isinstance(value, str) else json.dumps(value)
+        path.write_text(json.dumps(good) + "\n\n" + text + "\n")
+        with pytest.raises(DataError, match=f"bad.jsonl:3: .*{message}"):
+            ev.read_jsonl_questions(path)
+    questions = ev.read_jsonl_questions(path, limit=1)
+    assert len(questions) == 1 and questions[0].answer == 1 and questions[0].id == "bad.jsonl:1"
+
+
+def test_jsonl_benchmark(workdir, jsonl_file, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--workdir", str(workdir), "--methods", "dense,gaze,evict_question"]
+    argv += ["--budgets", "1", "--benchmarks", f"jsonl:{jsonl_file}:mini"]
+    argv += ["--out", str(out), "--no-progress"]
+    assert ev.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    info = results["benchmarks"]["mini"]
+    assert (info["questions"], info["multiple_choice"], info["open_ended"]) == (5, 3, 2)
+    assert set(info["scoring"]) == {"option_loglik_accuracy", "exact_match"}
+    assert info["questions_with_unknown_tokens"] == 0
+    table = (out / "results.md").read_text()
+    assert "### mini (option log-likelihood accuracy, %)" in table
+    assert "### mini (exact match, %)" in table
+    records = {(r["label"], r["metric"]): r for r in results["records"]}
+    labels = ["dense", "gaze@1", "evict_question@1"]
+    assert list(records) == [
+        (l, m) for l in labels for m in ("option_loglik_accuracy", "exact_match")
+    ]
+    for (_, metric), r in records.items():
+        assert all(key in r for key in SCHEMA), r
+        assert r["benchmark"] == "mini"
+        assert r["num_examples"] == (3 if metric == "option_loglik_accuracy" else 2)
+    assert set(records["dense", "exact_match"]["by_family"]) == {"image", "video"}
+    assert records["gaze@1", "exact_match"]["top_k"] == {"image": 4, "video": 8}  # 2 of 3 frames
+    assert info["max_frames"] == 2
+
+    # Independent: each option's summed log-probability (its tokens and <|im_end|>) from one
+    # full dense forward of the conversation, one option at a time.
+    checkpoint = load_checkpoint(workdir)
+    config = with_attention(checkpoint.config, "dense")
+    model = MultimodalModel(config)
+    forward = jax.jit(lambda p, i: model.apply({"params": p}, i))
+    lines = [json.loads(x) for x in jsonl_file.read_text().splitlines() if x.strip()]
+    dense = records["dense", "option_loglik_accuracy"]
+    correct = []
+    for line, got in zip([x for x in lines if "options" in x], dense["per_example"], strict=True):
+        image = read_image(jsonl_file.parent / line["image"], config.vit.image_size)[None]
+        question = line["question"]
+        if "<image>" not in question:
+            question = "<image>\n" + question
+        logliks = []
+        for option in line["options"]:
+            conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": option}]
+            items = example_items(
+                conversation, [image], checkpoint.tokenizer, "<image>", checkpoint.system_prompt
+            )
+            shape = ev._shape(config, [ev.Example(items, "", "", "")])
+            inputs, targets = pack_batch([items], config, *shape)
+            logp = jax.nn.log_softmax(forward(checkpoint.params, inputs).astype(jnp.float32))
+            targets = np.asarray(targets[0])
+            supervised = np.flatnonzero(targets >= 0)
+            assert len(supervised) == 2  # the option (one word) and <|im_end|>
+            logliks.append(float(np.asarray(logp)[0, supervised, targets[supervised]].sum()))
+        np.testing.assert_allclose(got["logliks"], logliks, rtol=1e-4, atol=1e-4)
+        chosen = int(np.argmax(logliks))
+        assert got["choice"] == "ABCD"[chosen]
+        answer = line["answer"].strip("()")
+        truth = line["options"].index(answer) if answer in line["options"] else "ABCD".index(answer)
+        correct.append(chosen == truth)
+        assert got["correct"] == correct[-1]
+    assert dense["score"] == pytest.approx(np.mean(correct))
+
+    # Gaze with every region (and eviction keeping everything) score as dense.
+    for label in ("gaze@1", "evict_question@1"):
+        for metric in ("option_loglik_accuracy", "exact_match"):
+            a, b = records[label, metric], records["dense", metric]
+            assert a["score"] == b["score"]
+            key = "logliks" if metric == "option_loglik_accuracy" else "loglik"
+            np.testing.assert_allclose(
+                np.hstack([e[key] for e in a["per_example"]]),
+                np.hstack([e[key] for e in b["per_example"]]),
+                rtol=1e-3,
+                atol=1e-3,
+            )
+            assert [e["correct"] for e in a["per_example"]] == [
+                e["correct"] for e in b["per_example"]
+            ]
+
+    # A missing image: a DataError naming the line that asks for it.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(jsonl_file.read_text().replace('"c.png"', '"missing.png"'))
+    raw = json.loads((workdir / "config.json").read_text())
+    with pytest.raises(DataError, match=r"bad.jsonl:3: id 'bad.jsonl:3': .*missing.png"):
+        ev.sweep(
+            checkpoint,
+            raw,
+            [ev.Method("dense")],
+            1,
+            [f"jsonl:{bad}"],
+            progress=False,
+            image_root=str(jsonl_file.parent),
+        )

@@ -1,0 +1,434 @@
+"""End-to-end greedy decoding speed: gazejax dense, gazejax gaze and transformers eager, one run.
+
+The same random Qwen3 weights (a Qwen2.5-0.5B-shaped decoder with few layers: hidden 896,
+14 query / 2 KV heads, head_dim 64, MLP 4864, tied embeddings) run in three ways on this machine:
+
+* ``dense``: :class:`gazejax.models.decoder.Decoder` with dense attention;
+* ``gaze``: the same weights with gaze attention (region 6×6, |C| = 4 context tokens per unit,
+  per-head routing, K regions with ``K·36 ≈ 16 %`` of the visual tokens);
+* ``hf``: ``transformers`` ``Qwen3ForCausalLM`` (torch, ``attn_implementation="eager"``), loaded
+  from the folder that :func:`gazejax.convert.save_hf` wrote.
+
+The prompt: a "visual context" of N tokens, laid out as N/576 visual units of 24×24 tokens (N/1024
+units of 32×32 when 576 does not divide N, e.g. 16384), each followed by its 4 context tokens,
+then 16 text tokens. Every prompt token is a random embedding
+(visual and context: ``N(0, 0.02²)``; text: rows of the embedding table for random ids), fed as
+``inputs_embeds`` to all three. ``hf`` and ``dense`` see the prompt as one causal sequence (so
+their greedy tokens must agree exactly; asserted). ``gaze`` gets the same embeddings in its
+region-major storage order with the visual-unit metadata (text attends to the K selected regions
+plus all text and context tokens), so its tokens may differ: the agreement fraction is reported.
+
+Prefill is timed once per method (``dense`` and ``hf`` prefill in chunks of ``--prefill-chunk``
+tokens to bound the eager attention matrix; ``gaze`` prefills in one call, as its region
+descriptors are computed from the whole prompt; JAX compile time is excluded and reported apart).
+Then every method decodes ``--new-tokens`` tokens greedily, one forward pass + argmax per step, the
+three methods' steps interleaved; tokens/s is ``1000 / median step ms``.
+
+The floor per step is the bytes one step must read (all weights, the tied LM head included, plus
+the KV cache: all of it for dense and hf; the selected regions, text, context tokens and region
+descriptors for gaze) divided by a measured streaming-read bandwidth of this machine.
+
+    python benchmarks/generate.py                     # contexts 576 4608 16384, 2 layers
+    python benchmarks/generate.py --quick             # small smoke run (~1-2 min on 2 CPU cores)
+
+Prints a table and writes ``benchmarks/results/generate_<platform>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+# Run as ``python benchmarks/generate.py``, this folder leads sys.path and its ``kernels.py``
+# would shadow the ``kernels`` package: drop the folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gazejax.convert import save_hf  # noqa: E402
+from gazejax.gaze import (  # noqa: E402
+    TextSegment,
+    TokenKind,
+    TokenMeta,
+    VisualSegment,
+    batch_layouts,
+    build_layout,
+)
+from gazejax.models.decoder import Decoder, DecoderConfig, KVCache  # noqa: E402
+
+UNIT_SIDES = (24, 32)  # a visual unit is 24×24 = 576 tokens (32×32 where 576 does not divide N)
+REGION = (6, 6, 1)
+NUM_CONTEXT, TEXT_TOKENS, KV_FRACTION = 4, 16, 0.16
+FLOAT_BYTES = 4
+
+
+def model_config(args, attention: str, top_k: int = 1) -> DecoderConfig:
+    return DecoderConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        tie_embeddings=True,
+        max_position_embeddings=65536,
+        attention=attention,
+        gaze_top_k=top_k,
+    )
+
+
+# --- gazejax ---------------------------------------------------------------------------------
+
+
+def _prefill_dense(model, params, embeds, cache):
+    logits, cache = model.apply({"params": params}, None, inputs_embeds=embeds, cache=cache)
+    return logits[:, -1], cache
+
+
+def _prefill_gaze(model, params, embeds, meta, regions, cache):
+    logits, cache = model.apply(
+        {"params": params}, None, inputs_embeds=embeds, token_meta=meta, regions=regions,
+        cache=cache,
+    )
+    return logits[:, -1], cache
+
+
+def _step_dense(model, params, token, cache):
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def _step_gaze(model, params, token, position, cache, max_unrouted_tokens):
+    shape = (1, 1)
+    meta = TokenMeta(
+        kind=jnp.full(shape, TokenKind.TEXT, jnp.int32),
+        unit=jnp.full(shape, -1, jnp.int32),
+        region=jnp.full(shape, -1, jnp.int32),
+        position=jnp.reshape(position, shape).astype(jnp.int32),
+    )
+    logits, cache = model.apply(
+        {"params": params}, token[:, None], token_meta=meta, cache=cache,
+        max_unrouted_tokens=max_unrouted_tokens,
+    )
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+class JaxRunner:
+    """Prefill (timed, compile excluded) and one-token greedy steps of a gazejax Decoder."""
+
+    def __init__(self, name, model, params, embeds, new_tokens, chunk, layout=None):
+        self.name, self.model, self.params = name, model, params
+        self.layout = layout
+        length = embeds.shape[0]
+        self.length = length
+        max_len = length + new_tokens + 1
+        if layout is None:
+            self.pieces = [jnp.asarray(embeds[i:i + chunk])[None] for i in range(0, length, chunk)]
+            cache = KVCache.empty(model.config, 1, max_len)
+        else:
+            meta, regions = batch_layouts([layout])
+            self.meta, self.regions = meta, regions
+            self.storage = jnp.asarray(layout.to_storage(embeds))[None]
+            cache = KVCache.empty(model.config, 1, max_len, regions=regions)
+            self.unrouted = TEXT_TOKENS + NUM_CONTEXT * layout.num_units + new_tokens + 1
+        self.cache = cache
+
+    def prefill(self) -> tuple[float, float]:
+        """Returns (compile s, prefill s); leaves the first greedy token in ``self.token``."""
+        begin = time.perf_counter()
+        if self.layout is None:
+            fn = jax.jit(_prefill_dense, static_argnums=0, donate_argnums=3)
+            compiled = {}
+            for piece in self.pieces:
+                if piece.shape not in compiled:
+                    compiled[piece.shape] = fn.lower(self.model, self.params, piece,
+                                                     self.cache).compile()
+            compile_s = time.perf_counter() - begin
+            begin = time.perf_counter()
+            cache = self.cache
+            for piece in self.pieces:
+                logits, cache = compiled[piece.shape](self.params, piece, cache)
+        else:
+            fn = jax.jit(_prefill_gaze, static_argnums=0, donate_argnums=5)
+            compiled = fn.lower(self.model, self.params, self.storage, self.meta, self.regions,
+                                self.cache).compile()
+            compile_s = time.perf_counter() - begin
+            begin = time.perf_counter()
+            logits, cache = compiled(self.params, self.storage, self.meta, self.regions,
+                                     self.cache)
+        self.token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        jax.block_until_ready((self.token, cache))
+        prefill_s = time.perf_counter() - begin
+        self.cache, self.position = cache, self.length
+        begin = time.perf_counter()
+        if self.layout is None:
+            self._step = jax.jit(_step_dense, static_argnums=0, donate_argnums=3).lower(
+                self.model, self.params, self.token, self.cache).compile()
+        else:
+            self._step = jax.jit(_step_gaze, static_argnums=(0, 5), donate_argnums=4).lower(
+                self.model, self.params, self.token, jnp.int32(0), self.cache,
+                self.unrouted).compile()
+        return compile_s + time.perf_counter() - begin, prefill_s
+
+    def first_token(self) -> int:
+        return int(self.token[0])
+
+    def step(self) -> int:
+        if self.layout is None:
+            self.token, self.cache = self._step(self.params, self.token, self.cache)
+        else:
+            self.token, self.cache = self._step(self.params, self.token,
+                                                jnp.int32(self.position), self.cache)
+        self.position += 1
+        return int(self.token[0])  # blocks
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+
+def _output_cache(out):
+    """The KV cache of a transformers output (``cache`` or, before 5.2x, ``past_key_values``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+class HFRunner:
+    """The same steps in transformers eager (torch, CPU)."""
+
+    name = "hf"
+
+    def __init__(self, folder, embeds, chunk):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager", dtype=torch.float32
+        ).eval()
+        self.embeds = torch.from_numpy(np.ascontiguousarray(embeds))[None]
+        self.chunk = chunk
+        # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` before).
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        with torch.inference_mode():  # warm-up of torch's kernels
+            self.model(inputs_embeds=self.embeds[:, :8], use_cache=True)
+
+    def prefill(self) -> tuple[float, float]:
+        torch = self.torch
+        begin = time.perf_counter()
+        cache = None
+        with torch.inference_mode():
+            for i in range(0, self.embeds.shape[1], self.chunk):
+                out = self.model(inputs_embeds=self.embeds[:, i:i + self.chunk],
+                                 use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+                cache = _output_cache(out)
+        self.token = out.logits[:, -1].argmax(-1)
+        self.cache = cache
+        return 0.0, time.perf_counter() - begin
+
+    def first_token(self) -> int:
+        return int(self.token[0])
+
+    def step(self) -> int:
+        with self.torch.inference_mode():
+            out = self.model(input_ids=self.token[:, None], use_cache=True,
+                             **{self.cache_arg: self.cache})
+        self.cache = _output_cache(out)
+        self.token = out.logits[:, -1].argmax(-1)
+        return int(self.token[0])
+
+
+# --- bytes -------------------------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:
+    """Streaming-read bandwidth (GB/s): median time of a jitted sum over ``mbytes`` MB."""
+    x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    times = []
+    for _ in range(reps):
+        begin = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - begin)
+    return x.size * 4 / statistics.median(times) / 1e9
+
+
+def step_bytes(args, length: int, layout=None, top_k: int = 0) -> dict:
+    """Bytes one decode step reads: weights (minus the unread embedding rows) and the KV cache."""
+    d, f, h, kv, hd = args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_dim
+    layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f + 2 * d + 2 * hd
+    weights = (args.layers * layer + args.vocab * d + d) * FLOAT_BYTES  # tied LM head read once
+    if layout is None:
+        kv_bytes = args.layers * 2 * length * kv * hd * FLOAT_BYTES
+    else:
+        m = layout.region_capacity
+        unrouted = TEXT_TOKENS + NUM_CONTEXT * layout.num_units
+        per_layer = (2 * h * top_k * m * hd + 2 * unrouted * kv * hd
+                     + layout.num_regions * kv * hd) * FLOAT_BYTES + 4 * (length
+                                                                           + 3 * layout.num_regions)
+        kv_bytes = args.layers * per_layer
+    return dict(weight_bytes=weights, kv_bytes=kv_bytes, bytes=weights + kv_bytes)
+
+
+# --- one context -------------------------------------------------------------------------------
+
+
+def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folder, bandwidth):
+    side = next((s for s in UNIT_SIDES if n_visual % (s * s) == 0), None)
+    if side is None:
+        raise ValueError(f"context {n_visual} is not a whole number of 24×24 or 32×32 units")
+    units = n_visual // (side * side)
+    layout = build_layout([VisualSegment(side, side, units), TextSegment(TEXT_TOKENS)],
+                          REGION, NUM_CONTEXT)
+    length = layout.length
+    m = layout.region_capacity
+    top_k = max(1, round(KV_FRACTION * n_visual / m))  # K·m ≈ 16 % of all visual tokens
+    rng = np.random.default_rng(n_visual)
+    embeds = (0.02 * rng.standard_normal((length, args.hidden))).astype(np.float32)
+    text_ids = rng.integers(0, args.vocab, TEXT_TOKENS)
+    embeds[-TEXT_TOKENS:] = table[text_ids]  # raster order: units+context, then text
+
+    runners = [
+        JaxRunner("dense", dense_model, params, embeds, args.new_tokens, args.prefill_chunk),
+        JaxRunner("gaze", gaze_model.clone(config=_with_top_k(gaze_model.config, top_k)), params,
+                  embeds, args.new_tokens, args.prefill_chunk, layout=layout),
+        HFRunner(hf_folder, embeds, args.prefill_chunk),
+    ]
+    compile_s, prefill_s, tokens, step_ms = {}, {}, {}, {}
+    for r in runners:
+        compile_s[r.name], prefill_s[r.name] = r.prefill()
+        tokens[r.name] = [r.first_token()]
+        step_ms[r.name] = []
+    for _ in range(args.new_tokens):
+        for r in runners:
+            begin = time.perf_counter()
+            tokens[r.name].append(r.step())
+            step_ms[r.name].append((time.perf_counter() - begin) * 1e3)
+    del runners
+
+    median_ms = {k: statistics.median(v) for k, v in step_ms.items()}
+    tok_s = {k: 1e3 / v for k, v in median_ms.items()}
+    floors = {"dense": step_bytes(args, length), "gaze": step_bytes(args, length, layout, top_k)}
+    floors["hf"] = floors["dense"]
+    for fl in floors.values():
+        fl["floor_ms"] = fl["bytes"] / (bandwidth * 1e9) * 1e3
+    agree = np.mean(np.asarray(tokens["gaze"]) == np.asarray(tokens["dense"]))
+    return dict(
+        n_visual=n_visual, unit_side=side, units=units, prompt_length=length, top_k=top_k,
+        region_size=m,
+        gaze_kv_fraction=top_k * m / n_visual, new_tokens=args.new_tokens,
+        prefill_s=prefill_s, compile_s=compile_s, step_ms=step_ms, median_step_ms=median_ms,
+        tokens_per_s=tok_s,
+        dense_vs_hf=tok_s["dense"] / tok_s["hf"], gaze_vs_hf=tok_s["gaze"] / tok_s["hf"],
+        gaze_vs_dense=tok_s["gaze"] / tok_s["dense"],
+        floor=floors, tokens=tokens,
+        dense_equals_hf=tokens["dense"] == tokens["hf"], gaze_agreement=float(agree),
+    )
+
+
+def _with_top_k(config: DecoderConfig, top_k: int) -> DecoderConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, gaze_top_k=top_k)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[576, 4608, 16384],
+                        help="visual tokens (multiples of 576)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--hidden", type=int, default=896)
+    parser.add_argument("--intermediate", type=int, default=4864)
+    parser.add_argument("--heads", type=int, default=14)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: contexts 576 1152, 8 new tokens, vocab 32768")
+    parser.add_argument("--out", default=None,
+                        help="JSON path; default benchmarks/results/generate_<platform>.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.new_tokens, args.vocab = [576, 1152], 8, 32768
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    platform_name = jax.devices()[0].platform
+    out = args.out or os.path.join(_HERE, "results", f"generate_{platform_name}.json")
+    dense_model = Decoder(model_config(args, "dense"))
+    gaze_model = Decoder(model_config(args, "gaze"))
+    params = dense_model.init(jax.random.key(args.seed), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(np.asarray, nn.unbox(params))
+    table = np.asarray(params["embed_tokens"]["embedding"])
+    bandwidth = read_bandwidth_gbs()
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores); Qwen3 {args.layers} layers, hidden {args.hidden}, heads "
+          f"{args.heads}/{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab "
+          f"{args.vocab} (tied), {n_params / 1e6:.0f}M params, float32; region {REGION[:2]}, "
+          f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
+          f"read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    header = (f"{'N':>6} {'K':>3} {'method':6} {'prefill s':>9} {'step ms':>8} {'tok/s':>7} "
+              f"{'vs hf':>6} {'vs dense':>8} {'floor ms':>8} {'floor tok/s':>11} {'KV MB':>7}")
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(dense_model, params, folder)
+        print(header, flush=True)
+        for n_visual in args.contexts:
+            r = run_context(args, n_visual, dense_model, gaze_model, params, table, folder,
+                            bandwidth)
+            records.append(r)
+            for name in ("dense", "gaze", "hf"):
+                fl = r["floor"][name]
+                vs_dense = f"{r['gaze_vs_dense']:>8.2f}" if name == "gaze" else f"{'':>8}"
+                print(f"{n_visual:>6} {r['top_k']:>3} {name:6} {r['prefill_s'][name]:>9.2f} "
+                      f"{r['median_step_ms'][name]:>8.1f} {r['tokens_per_s'][name]:>7.1f} "
+                      f"{r['tokens_per_s'][name] / r['tokens_per_s']['hf']:>6.2f} {vs_dense} "
+                      f"{fl['floor_ms']:>8.1f} {1e3 / fl['floor_ms']:>11.1f} "
+                      f"{fl['kv_bytes'] / 1e6:>7.1f}")
+            print(f"dense tokens == transformers tokens: {r['dense_equals_hf']}; gaze agreement "
+                  f"with dense: {r['gaze_agreement']:.2f}", flush=True)
+            _write(out, args, bandwidth, n_params, records)  # after every context
+    print(f"wrote {len(records)} records to {out}")
+    for r in records:
+        assert r["dense_equals_hf"], f"N={r['n_visual']}: dense {r['tokens']['dense']} != " \
+                                     f"transformers {r['tokens']['hf']}"
+    return _write(out, args, bandwidth, n_params, records)
+
+
+def _write(out, args, bandwidth, n_params, records) -> dict:
+    platform_name = jax.devices()[0].platform
+    result = dict(
+        device=jax.devices()[0].device_kind, platform=platform_name, cpu_count=os.cpu_count(),
+        read_bandwidth_gbs=bandwidth, n_params=n_params,
+        config={k: v for k, v in vars(args).items() if k != "out"},
+        region=REGION, num_context=NUM_CONTEXT, text_tokens=TEXT_TOKENS, records=records,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

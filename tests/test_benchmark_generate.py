@@ -1,0 +1,40 @@
+"""``benchmarks/generate.py`` end to end at tiny sizes: JSON written, dense == transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_generate", os.path.join(ROOT, "benchmarks", "generate.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_json_and_dense_matches_transformers(tmp_path, capsys):
+    out = tmp_path / "generate.json"
+    result = load_benchmark().main([
+        "--contexts", "576", "--new-tokens", "3", "--layers", "1", "--vocab", "512",
+        "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+        "--head-dim", "16", "--out", str(out),
+    ])
+    assert "dense tokens == transformers tokens: True" in capsys.readouterr().out
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved["records"] == json.loads(json.dumps(result["records"]))
+    (record,) = saved["records"]
+    assert record["dense_equals_hf"]
+    assert record["prompt_length"] == 576 + 4 + 16
+    assert record["top_k"] == 3  # K·36 ≈ 16 % of 576
+    for method in ("dense", "gaze", "hf"):
+        assert len(record["tokens"][method]) == 4  # the prefill's token and 3 decode steps
+        assert record["tokens_per_s"][method] > 0
+    assert 0.0 <= record["gaze_agreement"] <= 1.0
+    assert record["floor"]["gaze"]["kv_bytes"] < record["floor"]["dense"]["kv_bytes"]
