@@ -27,6 +27,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, config: dict, force: bool = False) -> bool:
         """Saves at multiples of ``every_steps`` (or when ``force``); returns whether it did."""
         if not force and step % self.every_steps:
@@ -46,6 +49,13 @@ class Checkpointer:
         the target shardings."""
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored["state"]
+
+    def restore_as_saved(self, step: int) -> Any:
+        """The state at ``step`` as saved (host arrays, no target shardings): for inference."""
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
         )
         return restored["state"]
 

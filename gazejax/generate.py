@@ -37,10 +37,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tokenizers
 from PIL import Image, ImageDraw, ImageFont
 
+from gazejax.checkpointing import Checkpointer
 from gazejax.data.images import read_image
 from gazejax.data.packing import Text, Visual, interleave, pack_batch
 from gazejax.data.records import DataError
@@ -105,16 +105,17 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Chec
     with open(config_path) as f:
         config = json.load(f)
     directory = os.path.join(workdir, "checkpoints")
-    steps = (
-        sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-        if os.path.isdir(directory)
-        else []
+    checkpointer = (
+        Checkpointer(workdir, every_steps=1, max_to_keep=1) if os.path.isdir(directory) else None
     )
-    if not steps or (step is not None and step not in steps):
+    steps = checkpointer.all_steps() if checkpointer else []
+    if step is None and steps:
+        step = steps[-1]
+    if step not in steps:
         wanted = "any step" if step is None else f"step {step}"
         raise FileNotFoundError(f"{directory}: no checkpoint of {wanted} (have {steps})")
-    step = steps[-1] if step is None else step
-    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    state = checkpointer.restore_as_saved(step)
+    checkpointer.close()
     params = jax.tree.map(jnp.asarray, state["params"])
     data = config.get("data", {})
     if data.get("name", "synthetic") == "synthetic":
