@@ -12,10 +12,11 @@ CONFIG ?= configs/synthetic.py
 .PHONY: install train test lint reproduce
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-lmms-eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-lmms-eval.txt
 	touch $@
 
 train: install

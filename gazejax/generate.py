@@ -164,24 +164,20 @@ class Prompt:
     length: int
 
 
-def build_prompt(
-    config: MultimodalConfig,
+def prompt_items(
     tokenizer: tokenizers.Tokenizer,
     question: str,
     visuals: Sequence[np.ndarray],
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-    pad_multiple: int = 64,
-) -> Prompt:
-    """Packs a one-turn ChatML prompt exactly as training tokenizes it, up to ``assistant\\n``.
+) -> list[Text | Visual]:
+    """A one-turn ChatML prompt, tokenized exactly as training does, up to ``assistant\\n``.
 
     Args:
-      config: the model config (token grid, regions, context tokens).
       tokenizer: the training tokenizer; it must know ``<image>``.
       question: the user's text; without ``<image>`` placeholders, one per visual is put first
         (``"<image>\\n" * n + question``, as the training data).
       visuals: float32 ``[frames, H, W, 3]`` per image (one frame) or video, preprocessed.
       system_prompt: the training system prompt.
-      pad_multiple: the slot count is rounded up to a multiple of this (fewer compilations).
     """
     if IMAGE_TOKEN not in question:
         question = f"{IMAGE_TOKEN}\n" * len(visuals) + question
@@ -191,13 +187,27 @@ def build_prompt(
     placeholder = tokenizer.token_to_id(IMAGE_TOKEN)
     if placeholder is None:
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token")
-    items = interleave(
+    return interleave(
         np.asarray(ids, np.int32), placeholder, [Visual(np.asarray(v)) for v in visuals]
     )
-    return _pack(config, items, pad_multiple)
 
 
-def _pack(config: MultimodalConfig, items: list, pad_multiple: int = 1) -> Prompt:
+def build_prompt(
+    config: MultimodalConfig,
+    tokenizer: tokenizers.Tokenizer,
+    question: str,
+    visuals: Sequence[np.ndarray],
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    pad_multiple: int = 64,
+) -> Prompt:
+    """:func:`prompt_items` packed by :func:`pack_prompt` (``config``: the model's; the slot
+    count is rounded up to a multiple of ``pad_multiple``, so prompts compile less often)."""
+    items = prompt_items(tokenizer, question, visuals, system_prompt)
+    return pack_prompt(config, items, pad_multiple)
+
+
+def pack_prompt(config: MultimodalConfig, items: list, pad_multiple: int = 1) -> Prompt:
+    """Packs text spans and visuals (batch 1) into ``ceil(slots / pad_multiple)`` slots."""
     per_unit = config.tokens_per_unit + config.num_context_tokens
     units = sum(len(x.frames) for x in items if isinstance(x, Visual))
     text = sum(len(x.ids) for x in items if isinstance(x, Text))

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from gazejax import evaluate as ev
-from gazejax.checkpointing import Checkpointer
-from gazejax.configuration import base_config
 from gazejax.data.images import read_image
 from gazejax.data.packing import pack_batch
 from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
-from gazejax.data.vocab import build_tokenizer, vocabulary
+from gazejax.data.vocab import build_tokenizer
 from gazejax.gaze.regions import TokenKind
 from gazejax.generate import load_checkpoint, with_attention
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
-from gazejax.train import TrainState
+from tests.workdirs import save_random_workdir, tiny_gaze_config
 
 SCHEMA = (
     "method",
@@ -37,52 +33,16 @@ SCHEMA = (
 )
 
 
-def _train_config():
-    config = base_config(stage=2, attention="gaze")
-    config.model.vit = {"variant": "mu/4", "patch_size": 8, "image_size": 32}  # 4x4 tokens
-    config.model.decoder = dict(
-        vocab_size=len(vocabulary()),
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
-    config.model.gaze.top_k = 1
-    config.model.num_context_tokens = 2
-    config.model.region_size = (2, 2, 1)  # 4 regions per unit
-    config.data.synthetic = dict(
-        image_size=32,
-        grid=2,
-        min_objects=1,
-        max_objects=2,
-        object_sizes=(0.6, 0.85),
-        jitter=False,
-        video_frames=2,
-    )
-    config.data.system_prompt = ""
-    config.batch_size = 4
-    return config
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A training workdir of a random tiny gaze model: config.json + checkpoints/."""
     root = tmp_path_factory.mktemp("eval")
-    config = _train_config()
-    (root / "config.json").write_text(config.to_json_best_effort(indent=2))
+    config = tiny_gaze_config()
     model_config = multimodal_config(config.model)
-    raw = json.loads((root / "config.json").read_text())
+    raw = json.loads(config.to_json_best_effort())
     examples, _ = ev.synthetic_benchmark(raw, build_tokenizer(), 1)
     inputs, _ = pack_batch([examples[0].items], model_config, *ev._shape(model_config, examples))
-    params = nn.unbox(jax.jit(MultimodalModel(model_config).init)(jax.random.key(0), inputs))
-    params = jax.tree.map(lambda x: x * 4.0, params["params"])  # sharper attention
-    state = TrainState(jnp.int32(3), params, optax.adam(1e-3).init(params))
-    checkpointer = Checkpointer(str(root), every_steps=1, max_to_keep=1)
-    checkpointer.save(3, state, config.to_dict(), force=True)
-    checkpointer.close()
-    return root
+    return save_random_workdir(root, config, inputs, scale=4.0)  # sharper attention
 
 
 def test_budget_conversions():

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
 from gazejax import generate as gen
-from gazejax.checkpointing import Checkpointer
 from gazejax.configuration import base_config
 from gazejax.data.packing import Text
 from gazejax.data.template import tokenize_conversation
 from gazejax.data.vocab import build_tokenizer, vocabulary
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
-from gazejax.train import TrainState
+from tests.workdirs import greedy_reference, save_random_workdir
 
 QUESTION = "what color is the square?"
 NUM_LAYERS, NUM_HEADS, TOP_K = 2, 4, 2
@@ -55,38 +50,11 @@ def workdir(tmp_path_factory):
     """A training workdir of a random tiny model: config.json + checkpoints/ (as train writes)."""
     root = tmp_path_factory.mktemp("gen")
     config = _train_config()
-    (root / "config.json").write_text(config.to_json_best_effort(indent=2))
     model_config = multimodal_config(config.model)
     image = _png(root / "init.png", 0)
     visuals = gen.load_visuals([image], image_size=model_config.vit.image_size)
     prompt = gen.build_prompt(model_config, build_tokenizer(), QUESTION, visuals)
-    init = jax.jit(MultimodalModel(model_config).init)
-    params = nn.unbox(init(jax.random.key(0), prompt.inputs))
-    params = params["params"]
-    state = TrainState(jnp.int32(3), params, optax.adam(1e-3).init(params))
-    checkpointer = Checkpointer(str(root), every_steps=1, max_to_keep=1)
-    checkpointer.save(3, state, config.to_dict(), force=True)
-    checkpointer.close()
-    return root
-
-
-def _reference(model, params, prompt, count, top_k):
-    """Greedy tokens by re-running the whole sequence (no cache) for every new token, and the
-    selection of the query that predicted each."""
-    forward = jax.jit(
-        lambda inputs: model.apply(
-            {"params": params}, inputs, top_k=top_k, mutable=["intermediates"]
-        )
-    )
-    tokens, selections = [], []
-    for _ in range(count):
-        items = prompt.items + ([Text(np.asarray(tokens, np.int32))] if tokens else [])
-        full = gen._pack(model.config, items, pad_multiple=64)  # one shape: one compilation
-        logits, state = forward(full.inputs)
-        tokens.append(int(jnp.argmax(logits[0, full.last_slot])))
-        selection = gen._selections(state, full.last_slot)
-        selections.append(None if selection is None else np.asarray(selection))
-    return tokens, selections
+    return save_random_workdir(root, config, prompt.inputs)
 
 
 @pytest.mark.parametrize("attention", ["dense", "gaze"])
@@ -107,7 +75,7 @@ def test_cli_greedy_equals_no_cache_reference(workdir, tmp_path, capsys, attenti
     model = MultimodalModel(config)
     result = gen.generate(model, checkpoint.params, prompt, 5, tokenizer=checkpoint.tokenizer)
     assert printed == result.text.strip()
-    expected, selections = _reference(
+    expected, selections = greedy_reference(
         model, checkpoint.params, prompt, len(result.token_ids), TOP_K
     )
     assert result.token_ids.tolist() == expected
