@@ -5,7 +5,9 @@ The same random Qwen3 weights (a Qwen2.5-0.5B-shaped decoder with few layers: hi
 
 * ``dense``: :class:`gazejax.models.decoder.Decoder` with dense attention;
 * ``gaze``: the same weights with gaze attention (region 6×6, |C| = 4 context tokens per unit,
-  per-head routing, K regions with ``K·36 ≈ 16 %`` of the visual tokens);
+  K regions with ``K·36 ≈ 16 %`` of the visual tokens, per query head or, with ``--routing
+  shared``, per GQA group: with 7 query heads per KV head, per-head routing reads up to 7 region
+  sets per KV head where dense reads the cache once);
 * ``hf``: ``transformers`` ``Qwen3ForCausalLM`` (torch, ``attn_implementation="eager"``), loaded
   from the folder that :func:`gazejax.convert.save_hf` wrote.
 
@@ -18,9 +20,10 @@ their greedy tokens must agree exactly; asserted). ``gaze`` gets the same embedd
 region-major storage order with the visual-unit metadata (text attends to the K selected regions
 plus all text and context tokens), so its tokens may differ: the agreement fraction is reported.
 
-Prefill is timed once per method (``dense`` and ``hf`` prefill in chunks of ``--prefill-chunk``
-tokens to bound the eager attention matrix; ``gaze`` prefills in one call, as its region
-descriptors are computed from the whole prompt; JAX compile time is excluded and reported apart).
+Prefill is timed once per method, in chunks that bound the attention matrix: ``dense`` and ``hf``
+in chunks of ``--prefill-chunk`` tokens, ``gaze`` in chunks of whole visual units (as many as fit
+in ``--prefill-chunk`` slots, at least one; the text goes with the last unit), since a unit's
+tokens are stored region-major; JAX compile time is excluded and reported apart.
 Then every method decodes ``--new-tokens`` tokens greedily, one forward pass + argmax per step, the
 three methods' steps interleaved; tokens/s is ``1000 / median step ms``.
 
@@ -86,6 +89,7 @@ def model_config(args, attention: str, top_k: int = 1) -> DecoderConfig:
         max_position_embeddings=65536,
         attention=attention,
         gaze_top_k=top_k,
+        gaze_routing=args.routing,
     )
 
 
@@ -125,6 +129,19 @@ def _step_gaze(model, params, token, position, cache, max_unrouted_tokens):
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
+def _unit_chunks(unit: np.ndarray, chunk: int) -> list[int]:
+    """Chunk boundaries in storage order: whole units (slots of one ``unit`` id, its context
+    tokens included), as many as fit in ``chunk`` slots (at least one); trailing text joins the
+    last chunk."""
+    starts = [0, *(int(i) + 1 for i in np.flatnonzero(unit[1:] != unit[:-1]))]
+    units = [s for s in starts if unit[s] >= 0] + [len(unit)]
+    cuts = [0]
+    for start, stop in zip(units[:-1], units[1:], strict=True):
+        if stop - cuts[-1] > chunk and start > cuts[-1]:
+            cuts.append(start)
+    return [*cuts, len(unit)]
+
+
 class JaxRunner:
     """Prefill (timed, compile excluded) and one-token greedy steps of a gazejax Decoder."""
 
@@ -139,8 +156,13 @@ class JaxRunner:
             cache = KVCache.empty(model.config, 1, max_len)
         else:
             meta, regions = batch_layouts([layout])
-            self.meta, self.regions = meta, regions
-            self.storage = jnp.asarray(layout.to_storage(embeds))[None]
+            self.regions = regions
+            storage = jnp.asarray(layout.to_storage(embeds))[None]
+            cuts = _unit_chunks(np.asarray(meta.unit[0]), chunk)
+            self.pieces = [
+                (storage[:, a:b], jax.tree.map(lambda x, a=a, b=b: x[:, a:b], meta))
+                for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+            ]
             cache = KVCache.empty(model.config, 1, max_len, regions=regions)
             self.unrouted = TEXT_TOKENS + NUM_CONTEXT * layout.num_units + new_tokens + 1
         self.cache = cache
@@ -162,12 +184,17 @@ class JaxRunner:
                 logits, cache = compiled[piece.shape](self.params, piece, cache)
         else:
             fn = jax.jit(_prefill_gaze, static_argnums=0, donate_argnums=5)
-            compiled = fn.lower(self.model, self.params, self.storage, self.meta, self.regions,
-                                self.cache).compile()
+            compiled = {}
+            for piece, meta in self.pieces:
+                if piece.shape not in compiled:
+                    compiled[piece.shape] = fn.lower(self.model, self.params, piece, meta,
+                                                     self.regions, self.cache).compile()
             compile_s = time.perf_counter() - begin
             begin = time.perf_counter()
-            logits, cache = compiled(self.params, self.storage, self.meta, self.regions,
-                                     self.cache)
+            cache = self.cache
+            for piece, meta in self.pieces:
+                logits, cache = compiled[piece.shape](self.params, piece, meta, self.regions,
+                                                      cache)
         self.token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         jax.block_until_ready((self.token, cache))
         prefill_s = time.perf_counter() - begin
@@ -275,7 +302,8 @@ def step_bytes(args, length: int, layout=None, top_k: int = 0) -> dict:
     else:
         m = layout.region_capacity
         unrouted = TEXT_TOKENS + NUM_CONTEXT * layout.num_units
-        per_layer = (2 * h * top_k * m * hd + 2 * unrouted * kv * hd
+        readers = h if args.routing == "per_head" else kv  # heads that each read K regions
+        per_layer = (2 * readers * top_k * m * hd + 2 * unrouted * kv * hd
                      + layout.num_regions * kv * hd) * FLOAT_BYTES + 4 * (length
                                                                            + 3 * layout.num_regions)
         kv_bytes = args.layers * per_layer
@@ -360,6 +388,8 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--routing", choices=("per_head", "shared"), default="per_head",
+                        help="gaze routing: K regions per query head, or per GQA group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: contexts 576 1152, 8 new tokens, vocab 32768")
@@ -386,6 +416,7 @@ def main(argv=None) -> dict:
           f"{os.cpu_count()} cores); Qwen3 {args.layers} layers, hidden {args.hidden}, heads "
           f"{args.heads}/{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab "
           f"{args.vocab} (tied), {n_params / 1e6:.0f}M params, float32; region {REGION[:2]}, "
+          f"routing {args.routing}, "
           f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
           f"read bandwidth {bandwidth:.1f} GB/s", flush=True)
     header = (f"{'N':>6} {'K':>3} {'method':6} {'prefill s':>9} {'step ms':>8} {'tok/s':>7} "

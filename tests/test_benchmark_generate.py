@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,7 +25,7 @@ def test_tiny_run_writes_json_and_dense_matches_transformers(tmp_path, capsys):
     result = load_benchmark().main([
         "--contexts", "576", "--new-tokens", "3", "--layers", "1", "--vocab", "512",
         "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
-        "--head-dim", "16", "--out", str(out),
+        "--head-dim", "16", "--prefill-chunk", "256", "--out", str(out),
     ])
     assert "dense tokens == transformers tokens: True" in capsys.readouterr().out
     with open(out) as f:
@@ -38,3 +40,11 @@ def test_tiny_run_writes_json_and_dense_matches_transformers(tmp_path, capsys):
         assert record["tokens_per_s"][method] > 0
     assert 0.0 <= record["gaze_agreement"] <= 1.0
     assert record["floor"]["gaze"]["kv_bytes"] < record["floor"]["dense"]["kv_bytes"]
+
+
+def test_gaze_prefill_chunks_hold_whole_units():
+    chunks = load_benchmark()._unit_chunks
+    unit = np.asarray([-1] * 3 + [0] * 6 + [1] * 6 + [-1] * 2 + [2] * 6 + [-1] * 4)
+    assert chunks(unit, 100) == [0, len(unit)]
+    assert chunks(unit, 12) == [0, 9, 17, len(unit)]  # text before/between stays with a unit
+    assert chunks(unit, 1) == [0, 3, 9, 17, len(unit)]  # one unit a chunk at the least

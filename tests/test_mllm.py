@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 
 from gazejax.data.packing import Text, Visual, pack_batch
-from gazejax.gaze.regions import TokenKind
-from gazejax.models.decoder import DecoderConfig, KVCache
+from gazejax.gaze.regions import (
+    TextSegment,
+    TokenKind,
+    VisualSegment,
+    batch_layouts,
+    build_layout,
+)
+from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
 from gazejax.models.projector import ProjectorConfig
 from gazejax.models.vit import vit_config
@@ -220,11 +226,13 @@ def test_pallas_model_matches_xla_forward_gradients_and_decode():
 
     (xla_loss, xla_logits), xla_grads = loss_and_grad(configs["xla"])
     (pallas_loss, pallas_logits), pallas_grads = loss_and_grad(configs["pallas"])
-    np.testing.assert_allclose(np.asarray(pallas_logits)[valid], np.asarray(xla_logits)[valid],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(pallas_logits)[valid], np.asarray(xla_logits)[valid], atol=1e-5
+    )
     np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-6)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(pallas_grads),
-                            jax.tree.leaves(xla_grads), strict=True):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(pallas_grads), jax.tree.leaves(xla_grads), strict=True
+    ):
         error, scale = float(jnp.abs(a - b).max()), float(jnp.abs(b).max())
         # 1e-4 floor: a ViT key bias has an exactly-zero gradient (softmax shift invariance)
         assert error <= 1e-5 * max(scale, 1e-4), (jax.tree_util.keystr(path), error, scale)
@@ -245,10 +253,67 @@ def test_pallas_model_matches_xla_forward_gradients_and_decode():
         cache = KVCache.empty(config.decoder, batch=1, max_len=total, regions=first.regions)
         prefill, cache = model.apply({"params": params}, _slice(first, slot), cache=cache)
         meta = jax.tree.map(lambda x: x[:, slot : slot + 1], first.meta)
-        step, _ = model.apply({"params": params}, first.input_ids[:, slot : slot + 1], meta,
-                              cache, max_unrouted_tokens=unrouted, method=MultimodalModel.extend)
+        step, _ = model.apply(
+            {"params": params},
+            first.input_ids[:, slot : slot + 1],
+            meta,
+            cache,
+            max_unrouted_tokens=unrouted,
+            method=MultimodalModel.extend,
+        )
         return prefill[0], step[0, 0]
 
     prefill, step = prefill_and_step(params)
     np.testing.assert_allclose(prefill, np.asarray(xla_logits)[0, :slot], atol=1e-5)
     np.testing.assert_allclose(step, np.asarray(xla_logits)[0, slot], atol=1e-5)
+
+
+@pytest.mark.parametrize("region_size", [(2, 2, 1), (2, 2, 2)])
+def test_gaze_prefill_in_unit_chunks_equals_one_call(region_size):
+    """A prefill cut at unit boundaries (whole frame groups for r_t = 2), then a 3-token text
+    extend and decode steps, equals one prefill: logits, region descriptors, next tokens."""
+    config = _config("gaze", region_size=region_size, implementation="xla", top_k=2).decoder
+    segments = [
+        TextSegment(3),
+        VisualSegment(4, 4, frames=2),
+        TextSegment(2),
+        VisualSegment(4, 4, frames=2),
+        TextSegment(5),
+    ]
+    layout = build_layout(segments, region_size, num_context_tokens=2)
+    meta, regions = batch_layouts([layout])
+    length = layout.length
+    embeds = jax.random.normal(jax.random.key(1), (1, length, config.hidden_size)) * 0.5
+    model = Decoder(config)
+    params = model.init(
+        jax.random.key(0), None, inputs_embeds=embeds, token_meta=meta, regions=regions
+    )["params"]
+
+    def run(cuts):
+        cache = KVCache.empty(config, 1, length, regions=regions)
+        logits = []
+        for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+            part = jax.tree.map(lambda x, a=start, b=stop: x[:, a:b], meta)
+            out, cache = model.apply(
+                {"params": params},
+                None,
+                inputs_embeds=embeds[:, start:stop],
+                token_meta=part,
+                regions=regions,
+                cache=cache,
+            )
+            logits.append(out)
+        return jnp.concatenate(logits, axis=1), cache
+
+    # whole units: a frame group of r_t frames with its context tokens; text on its own
+    unit = np.asarray(meta.unit[0])
+    group = np.where(unit >= 0, unit // region_size[-1], -1)
+    cuts = [0, *np.flatnonzero(group[1:] != group[:-1]) + 1, length]
+    assert len(cuts) - 1 == 3 + 4 // region_size[-1]  # 3 text chunks, 4 frames in groups
+    text_tail = length - 3  # the last 3 text tokens go as one multi-token extend
+    one_logits, one_cache = run([0, length])
+    chunk_logits, chunk_cache = run([*cuts[:-1], text_tail, length])
+    np.testing.assert_allclose(chunk_logits, one_logits, atol=1e-5)
+    for one, chunk in zip(one_cache.layers, chunk_cache.layers, strict=True):
+        np.testing.assert_allclose(chunk.descriptors, one.descriptors, atol=1e-6)
+        assert float(jnp.abs(one.descriptors).min(axis=(-1, -2)).max()) > 0  # all regions set

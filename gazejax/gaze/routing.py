@@ -52,16 +52,25 @@ def validate_routing(routing: str) -> str:
     return routing
 
 
-def region_descriptors(key: jax.Array, kv_meta: TokenMeta, num_regions: int) -> jax.Array:
+def region_descriptors(
+    key: jax.Array,
+    kv_meta: TokenMeta,
+    num_regions: int,
+    previous: jax.Array | None = None,
+) -> jax.Array:
     """Mean of each region's keys over its real tokens (stop-gradient).
 
     Args:
       key: [batch, kv_len, num_kv_heads, head_dim] keys as cached.
       kv_meta: metadata of ``key``'s slots.
       num_regions: static number of region slots.
+      previous: optional float32 [batch, num_regions, num_kv_heads, head_dim] descriptors of
+        earlier tokens (a chunked prefill): regions with no token in ``key`` keep them. Each
+        region must then lie wholly in one chunk.
 
     Returns:
-      [batch, num_regions, num_kv_heads, head_dim] float32; zeros for empty regions.
+      [batch, num_regions, num_kv_heads, head_dim] float32; zeros for empty regions (or
+      ``previous``'s rows).
     """
     key = jax.lax.stop_gradient(key).astype(jnp.float32)
     visual = kv_meta.kind == TokenKind.VISUAL
@@ -70,9 +79,13 @@ def region_descriptors(key: jax.Array, kv_meta: TokenMeta, num_regions: int) -> 
     def per_sample(key, segment):
         total = jax.ops.segment_sum(key, segment, num_segments=num_regions + 1)
         count = jax.ops.segment_sum(jnp.ones_like(segment), segment, num_regions + 1)
-        return total[:num_regions] / jnp.maximum(count[:num_regions], 1)[:, None, None]
+        return total[:num_regions] / jnp.maximum(count[:num_regions], 1)[:, None, None], count
 
-    return jax.vmap(per_sample)(key, segment)
+    descriptors, count = jax.vmap(per_sample)(key, segment)
+    if previous is None:
+        return descriptors
+    present = (count[:, :num_regions] > 0)[..., None, None]
+    return jnp.where(present, descriptors, previous)
 
 
 def routable(query_meta: TokenMeta, table: RegionTable) -> jax.Array:

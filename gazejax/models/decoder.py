@@ -302,14 +302,16 @@ class Attention(nn.Module):
         """Region descriptors ``[batch, num_regions, kv_heads, head_dim]`` (gaze only).
 
         Computed from the new tokens' keys when they carry the visual tokens (training, prefill)
-        and kept in the cache; a one-token decode step appends text only and reuses them.
+        and kept in the cache; a prefill in chunks updates the regions of each chunk and keeps
+        the others; a one-token decode step appends text only and reuses them.
         """
         if self.config.attention == "dense":
             return None
         if layer_cache is not None and k.shape[1] == 1:
             return layer_cache.descriptors
         keys = pre_rope_k if self.config.gaze_descriptor_keys == "pre_rope" else k
-        return region_descriptors(keys, inputs.query_meta, inputs.regions.num_regions)
+        previous = None if layer_cache is None else layer_cache.descriptors
+        return region_descriptors(keys, inputs.query_meta, inputs.regions.num_regions, previous)
 
 
 class MLP(nn.Module):
@@ -407,7 +409,10 @@ class Decoder(nn.Module):
             the regions.
           cache: a :class:`KVCache`; the tokens are written at slots
             ``[cache.end, cache.end + seq)``. A one-token step is a decode step: it reuses the
-            cached region descriptors, so it must not add visual tokens.
+            cached region descriptors, so it must not add visual tokens. A gaze prefill may come
+            in chunks of whole visual units (with their context tokens; whole frame groups when
+            regions span frames): a unit's tokens are stored region-major, so a visual query
+            needs its whole unit written, and a region's descriptor is its chunk's mean.
 
         Returns:
           float32 logits ``[batch, seq, vocab]``; with a cache, ``(logits, updated_cache)``.
