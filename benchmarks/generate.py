@@ -96,17 +96,23 @@ def model_config(args, attention: str, top_k: int = 1) -> DecoderConfig:
 # --- gazejax ---------------------------------------------------------------------------------
 
 
+def _last(embeds):
+    """``[1, 1]``: the slot whose logits a prefill chunk needs (the LM head runs on it only)."""
+    return jnp.full((1, 1), embeds.shape[1] - 1, jnp.int32)
+
+
 def _prefill_dense(model, params, embeds, cache):
-    logits, cache = model.apply({"params": params}, None, inputs_embeds=embeds, cache=cache)
-    return logits[:, -1], cache
+    logits, cache = model.apply({"params": params}, None, inputs_embeds=embeds, cache=cache,
+                                logit_slots=_last(embeds))
+    return logits[:, 0], cache
 
 
 def _prefill_gaze(model, params, embeds, meta, regions, cache):
     logits, cache = model.apply(
         {"params": params}, None, inputs_embeds=embeds, token_meta=meta, regions=regions,
-        cache=cache,
+        cache=cache, logit_slots=_last(embeds),
     )
-    return logits[:, -1], cache
+    return logits[:, 0], cache
 
 
 def _step_dense(model, params, token, cache):

@@ -293,10 +293,16 @@ def _selections(state, slot) -> jax.Array | None:
 @functools.partial(jax.jit, static_argnames=("model", "top_k", "max_len"))
 def _prefill(model: MultimodalModel, params, inputs: MultimodalInputs, last_slot, top_k, max_len):
     cache = KVCache.empty(model.config.decoder, 1, max_len, regions=inputs.regions)
+    slots = jnp.reshape(last_slot, (1, 1))
     (logits, cache), state = model.apply(
-        {"params": params}, inputs, top_k=top_k, cache=cache, mutable=["intermediates"]
+        {"params": params},
+        inputs,
+        top_k=top_k,
+        cache=cache,
+        logit_slots=slots,
+        mutable=["intermediates"],
     )
-    return logits[0, last_slot], cache, _selections(state, last_slot)
+    return logits[0, 0], cache, _selections(state, last_slot)
 
 
 @functools.partial(

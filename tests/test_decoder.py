@@ -153,3 +153,17 @@ def test_greedy_sampling_and_nucleus():
     assert nucleus[2:].sum() == 0
     np.testing.assert_allclose(nucleus[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
     assert set(np.asarray(draw(keys[:50], 0.01)).tolist()) == {0}
+
+
+def test_logit_slots_keep_only_those_logits():
+    model, params = _init(TINY)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 10)), jnp.int32)
+    full = model.apply({"params": params}, ids)
+    slots = jnp.asarray([[9, 2], [0, 7]], jnp.int32)
+    some = model.apply({"params": params}, ids, logit_slots=slots)
+    np.testing.assert_allclose(some, jnp.take_along_axis(full, slots[..., None], axis=1), atol=1e-6)
+    cache = KVCache.empty(TINY, batch=2, max_len=12)
+    last, cache = model.apply({"params": params}, ids, cache=cache, logit_slots=slots[:, :1])
+    np.testing.assert_allclose(last[:, 0], full[jnp.arange(2), slots[:, 0]], atol=1e-6)
+    assert int(cache.end) == 10  # the whole chunk is cached all the same

@@ -386,6 +386,7 @@ class Decoder(nn.Module):
         top_k: int | None = None,
         max_unrouted_tokens: int | None = None,
         cache: KVCache | None = None,
+        logit_slots: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for a sequence, optionally continuing a KV cache.
 
@@ -414,8 +415,11 @@ class Decoder(nn.Module):
             regions span frames): a unit's tokens are stored region-major, so a visual query
             needs its whole unit written, and a region's descriptor is its chunk's mean.
 
+          logit_slots: optional int ``[batch, n]``: compute logits only at these slots of the
+            sequence (a prefill needs the last one: the LM head is then ``n / seq`` of the work).
+
         Returns:
-          float32 logits ``[batch, seq, vocab]``; with a cache, ``(logits, updated_cache)``.
+          float32 logits ``[batch, seq or n, vocab]``; with a cache, ``(logits, updated_cache)``.
         """
         cfg = self.config
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
@@ -449,6 +453,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, inputs, None if cache is None else cache.layers[i])
             layer_caches.append(layer_cache)
+        if logit_slots is not None:
+            x = jnp.take_along_axis(x, logit_slots[..., None].astype(jnp.int32), axis=1)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if cfg.tie_embeddings else self.lm_head(x)
         logits = nn.with_logical_constraint(

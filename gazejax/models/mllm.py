@@ -164,10 +164,12 @@ class MultimodalModel(nn.Module):
         *,
         top_k: int | None = None,
         cache: KVCache | None = None,
+        logit_slots: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits ``[batch, length, vocab]`` (and the cache, when one is given: prefill).
 
-        ``top_k`` overrides ``config.decoder.gaze_top_k`` (the progressive schedule, sweeps).
+        ``top_k`` overrides ``config.decoder.gaze_top_k`` (the progressive schedule, sweeps);
+        ``logit_slots`` (int ``[batch, n]``) keeps only those slots' logits (a prefill's last).
         """
         return self.decoder(
             None,
@@ -176,6 +178,7 @@ class MultimodalModel(nn.Module):
             regions=inputs.regions,
             top_k=top_k,
             cache=cache,
+            logit_slots=logit_slots,
         )
 
     def extend(
