@@ -19,21 +19,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import sys
 import time
 
-# Run as ``python benchmarks/decode_attention.py``, this folder leads sys.path and its
-# ``kernels.py`` would shadow the ``kernels`` package: drop the folder.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gazejax.gaze import (  # noqa: E402
+from gazejax.gaze import (
     TextSegment,
     TokenKind,
     TokenMeta,
@@ -42,7 +35,7 @@ from gazejax.gaze import (  # noqa: E402
     build_layout,
     routing,
 )
-from kernels.gaze_attention import gaze_attention  # noqa: E402
+from kernels.gaze_attention import gaze_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 REGION = (6, 6, 1)

@@ -45,22 +45,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
-# Run as ``python benchmarks/generate.py``, this folder leads sys.path and its ``kernels.py``
-# would shadow the ``kernels`` package: drop the folder.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gazejax.convert import save_hf  # noqa: E402
-from gazejax.gaze import (  # noqa: E402
+from gazejax.convert import save_hf
+from gazejax.gaze import (
     TextSegment,
     TokenKind,
     TokenMeta,
@@ -68,7 +62,7 @@ from gazejax.gaze import (  # noqa: E402
     batch_layouts,
     build_layout,
 )
-from gazejax.models.decoder import Decoder, DecoderConfig, KVCache  # noqa: E402
+from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
 
 UNIT_SIDES = (24, 32)  # a visual unit is 24×24 = 576 tokens (32×32 where 576 does not divide N)
 REGION = (6, 6, 1)
@@ -410,7 +404,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     platform_name = jax.devices()[0].platform
-    out = args.out or os.path.join(_HERE, "results", f"generate_{platform_name}.json")
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or os.path.join(results, f"generate_{platform_name}.json")
     dense_model = Decoder(model_config(args, "dense"))
     gaze_model = Decoder(model_config(args, "gaze"))
     params = dense_model.init(jax.random.key(args.seed), jnp.zeros((1, 4), jnp.int32))["params"]

@@ -26,9 +26,9 @@ run, and the row says so.
 On CPU the Pallas kernels run in the interpreter: their rows check correctness (max error
 against the reference / xla) and report no time ("interpret mode: not a speed").
 
-    python benchmarks/kernels.py                 # 4608 and 16384 visual tokens
-    python benchmarks/kernels.py --quick         # CPU: smaller training cases, fewer reps
-    python benchmarks/kernels.py --sizes 4608 --routings shared --out /tmp/k.json
+    python benchmarks/gaze_kernels.py                 # 4608 and 16384 visual tokens
+    python benchmarks/gaze_kernels.py --quick         # CPU: smaller training cases, fewer reps
+    python benchmarks/gaze_kernels.py --sizes 4608 --routings shared --out /tmp/k.json
 """
 
 from __future__ import annotations
@@ -37,19 +37,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-# Run as ``python benchmarks/kernels.py``, this file's folder leads sys.path and its name would
-# shadow the ``kernels`` package: drop the folder.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gazejax.gaze import (  # noqa: E402
+from gazejax.gaze import (
     TextSegment,
     TokenKind,
     TokenMeta,
@@ -58,7 +52,7 @@ from gazejax.gaze import (  # noqa: E402
     build_layout,
     routing,
 )
-from kernels.gaze_attention import gaze_attention, pallas_decode, pallas_train  # noqa: E402
+from kernels.gaze_attention import gaze_attention, pallas_decode, pallas_train
 
 HEADS = (32, 8, 128)  # query heads, KV heads, head_dim
 REGION = (6, 6, 1)
