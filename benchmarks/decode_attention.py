@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms
 
 from gazejax.gaze import (
     TextSegment,
@@ -76,19 +75,6 @@ def gaze_step(query, key, value, cache, **options):
     """One decode step of gaze attention; ``cache`` holds metadata, regions and descriptors."""
     return gaze_attention(query, key, value, cache["query_meta"], cache["kv_meta"],
                           cache["regions"], descriptors=cache["descriptors"], **options)
-
-
-def median_ms(functions, args, reps: int) -> list[float]:
-    """Median latency (ms) of each jitted function, timed interleaved."""
-    for f in functions:
-        jax.block_until_ready(f(*args))
-    times = [[] for _ in functions]
-    for _ in range(reps):
-        for f, t in zip(functions, times, strict=True):
-            begin = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            t.append((time.perf_counter() - begin) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict]:

@@ -36,12 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms
 
 from gazejax.gaze import (
     TextSegment,
@@ -111,19 +110,6 @@ def visual_segments(n_visual: int) -> list[VisualSegment]:
         height = min(heights, key=lambda h: abs(h - rest // h))  # the squarest grid
         segments.append(VisualSegment(height, rest // height))
     return segments
-
-
-def median_ms(functions, args, reps: int) -> list[float]:
-    """Median latency (ms) of each compiled function, timed interleaved."""
-    for f in functions:
-        jax.block_until_ready(f(*args))
-    times = [[] for _ in functions]
-    for _ in range(reps):
-        for f, t in zip(functions, times, strict=True):
-            begin = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            t.append((time.perf_counter() - begin) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def max_error(actual, expected) -> float:

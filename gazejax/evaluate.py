@@ -99,7 +99,7 @@ from gazejax.data.batches import synthetic_examples
 from gazejax.data.images import read_image
 from gazejax.data.packing import Text, Visual, pack_batch
 from gazejax.data.pipeline import example_items
-from gazejax.data.records import DataError, Location
+from gazejax.data.records import DataError, Location, parse_visual_paths
 from gazejax.data.synthetic import TASKS
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
 from gazejax.data.video import read_video
@@ -509,15 +509,7 @@ def parse_jsonl_line(value, where: Location) -> JsonlQuestion:
     answer = value.get("answer")
     if not isinstance(answer, str) or not answer.strip():
         raise error(f"'answer' is not a non-empty string: {answer!r}")
-    images = value.get("image")
-    images = [] if images is None else [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise error(f"'image' is neither a path nor a list of paths: {value.get('image')!r}")
-    video = value.get("video")
-    if video is not None and not (isinstance(video, str) and video):
-        raise error(f"'video' is not a path: {video!r}")
-    if video is not None and images:
-        raise error("a line has 'image' or 'video', not both")
+    images, video = parse_visual_paths(value, where)
     visuals = 1 if video is not None else len(images)
     placeholders = question.count(IMAGE_TOKEN) + question.count(VIDEO_TOKEN)
     if placeholders and placeholders != visuals:

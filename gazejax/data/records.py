@@ -178,6 +178,25 @@ def _load_list(path: pathlib.Path) -> list[Any]:
     return value
 
 
+def parse_visual_paths(value: Mapping, where: Location) -> tuple[list[str], str | None]:
+    """``(images, video)`` of a record or benchmark line: ``"image"`` (a path or a list of
+    paths, optional) and ``"video"`` (a path, optional), never both.
+
+    Raises:
+      DataError: at ``where``, naming the bad field.
+    """
+    images = value.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise where.error(f"'image' is neither a path nor a list of paths: {value.get('image')!r}")
+    video = value.get("video")
+    if video is not None and not (isinstance(video, str) and video):
+        raise where.error(f"'video' is not a path: {video!r}")
+    if video is not None and images:
+        raise where.error("'image' or 'video', not both")
+    return images, video
+
+
 def parse_record(value: Any, where: Location) -> Record:
     """Validates one decoded record found at ``where``.
 
@@ -201,18 +220,7 @@ def parse_record(value: Any, where: Location) -> Record:
         chatml_pieces(conversations)
     except ConversationError as exc:
         raise error(str(exc), "conversation") from exc
-    images = value.get("image")
-    if images is None:
-        images = []
-    elif isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise error(f"'image' is neither a path nor a list of paths: {value.get('image')!r}")
-    video = value.get("video")
-    if video is not None and not (isinstance(video, str) and video):
-        raise error(f"'video' is not a path: {video!r}")
-    if video is not None and images:
-        raise error("a record has 'image' or 'video', not both")
+    images, video = parse_visual_paths(value, where)
     for turn in conversations:
         if turn["from"] == "gpt" and (IMAGE_TOKEN in turn["value"] or VIDEO_TOKEN in turn["value"]):
             raise error("a placeholder in an assistant (gpt) turn", "placeholder")
