@@ -27,14 +27,12 @@ from timing import median_ms
 
 from gazejax.gaze import (
     TextSegment,
-    TokenKind,
-    TokenMeta,
     VisualSegment,
     batch_layouts,
     build_layout,
-    routing,
+    gaze_kv_size,
 )
-from kernels.gaze_attention import gaze_attention
+from kernels.gaze_attention import TokenKind, TokenMeta, gaze_attention, region_descriptors
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 REGION = (6, 6, 1)
@@ -95,7 +93,7 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
 
     key, value = (normal(1, length, NUM_KV_HEADS, HEAD_DIM) for _ in range(2))
     query = normal(1, 1, NUM_HEADS, HEAD_DIM)
-    descriptors = routing.region_descriptors(key, kv_meta, regions)
+    descriptors = region_descriptors(key, kv_meta, regions)
     query_meta = TokenMeta(*(jnp.asarray([[x]], jnp.int32) for x in (TokenKind.TEXT, -1, -1,
                                                                         length)))
     cache = dict(kv_meta=kv_meta, regions=table, descriptors=descriptors, query_meta=query_meta)
@@ -118,7 +116,7 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
         for impl, ms in zip(impls, times[2:], strict=True):
             records.append(dict(
                 impl=impl, dtype=dtype, routing=route, n_visual=n_visual, top_k=top_k,
-                region_size=m, kv_size=routing.gaze_kv_size(top_k, m, NUM_CONTEXT,
+                region_size=m, kv_size=gaze_kv_size(top_k, m, NUM_CONTEXT,
                                                             layout.num_units),
                 median_ms=ms, dense_median_ms=dense_ms, speedup=dense_ms / ms,
                 dense_einsum_ms=times[0], dense_broadcast_ms=times[1],

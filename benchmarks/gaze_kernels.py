@@ -42,16 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 from timing import median_ms
 
-from gazejax.gaze import (
-    TextSegment,
+from gazejax.gaze import TextSegment, VisualSegment, batch_layouts, build_layout
+from kernels.gaze_attention import (
     TokenKind,
     TokenMeta,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
+    gaze_attention,
+    pallas_decode,
+    pallas_train,
     routing,
 )
-from kernels.gaze_attention import gaze_attention, pallas_decode, pallas_train
 
 HEADS = (32, 8, 128)  # query heads, KV heads, head_dim
 REGION = (6, 6, 1)

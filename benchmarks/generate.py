@@ -54,15 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gazejax.convert import save_hf
-from gazejax.gaze import (
-    TextSegment,
-    TokenKind,
-    TokenMeta,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
-)
+from gazejax.gaze import TextSegment, VisualSegment, batch_layouts, build_layout
 from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
+from kernels.gaze_attention import TokenKind, TokenMeta
 
 UNIT_SIDES = (24, 32)  # a visual unit is 24×24 = 576 tokens (32×32 where 576 does not divide N)
 REGION = (6, 6, 1)

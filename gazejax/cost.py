@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gazejax.gaze.budget import gaze_kv_size
 from gazejax.gaze.regions import RegionSize, validate_region_size
-from gazejax.gaze.routing import gaze_kv_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,12 +104,13 @@ from gazejax.data.synthetic import TASKS
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
 from gazejax.data.video import read_video
 from gazejax.data.vocab import IMAGE_TOKEN, UNK_TOKEN, VIDEO_TOKEN
-from gazejax.gaze.regions import TokenKind, validate_region_size
+from gazejax.gaze.regions import validate_region_size
 from gazejax.generate import Checkpoint, load_checkpoint, with_attention
 from gazejax.models.attention import apply_rope, rope_cos_sin
 from gazejax.models.decoder import Attention, dense_visibility
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
 from gazejax.train import answer_exact_match
+from kernels.gaze_attention import TokenKind
 
 BUDGET_METHODS = ("gaze", "dense_reduced", "evict_question")
 METHODS = ("dense", *BUDGET_METHODS, "token_compression")

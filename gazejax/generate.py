@@ -48,11 +48,11 @@ from gazejax.data.template import DEFAULT_SYSTEM_PROMPT, chatml_pieces
 from gazejax.data.video import read_video
 from gazejax.data.vocab import IM_END_TOKEN, IMAGE_TOKEN, build_tokenizer
 from gazejax.decoding import sample_next_token
-from gazejax.gaze.regions import TokenKind, TokenMeta
 from gazejax.models.attention import apply_rope, rope_cos_sin
 from gazejax.models.decoder import KVCache, dense_visibility
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from kernels.gaze_attention import TokenKind, TokenMeta
 
 MAX_MAP_TOKENS = 8
 """Rows of a routing map: the first generated tokens, at most this many."""

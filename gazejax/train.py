@@ -40,7 +40,7 @@ from gazejax.configuration import validate_config
 from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
 from gazejax.data.synthetic import TASKS
 from gazejax.data.vocab import build_tokenizer
-from gazejax.gaze.routing import progressive_top_k
+from gazejax.gaze.budget import progressive_top_k
 from gazejax.init_from import init_from_checkpoints
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config

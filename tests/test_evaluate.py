@@ -15,10 +15,10 @@ from gazejax.data.packing import pack_batch
 from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
 from gazejax.data.vocab import build_tokenizer
-from gazejax.gaze.regions import TokenKind
 from gazejax.generate import load_checkpoint, with_attention
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
+from kernels.gaze_attention import TokenKind
 from tests.workdirs import save_random_workdir, tiny_gaze_config
 
 SCHEMA = (

@@ -8,15 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax.gaze import routing
-from gazejax.gaze.regions import (
-    TextSegment,
-    TokenKind,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
-)
-from kernels.gaze_attention import gaze_attention, pallas_train, xla
+from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
+from kernels.gaze_attention import TokenKind, gaze_attention, pallas_train, routing, xla
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 IMPLEMENTATIONS = ["reference", "xla", "pallas"]

@@ -7,13 +7,12 @@ import pytest
 from gazejax.gaze.regions import (
     RegionSize,
     TextSegment,
-    TokenKind,
     VisualSegment,
     batch_layouts,
     build_layout,
     partition_unit,
-    region_table,
 )
+from kernels.gaze_attention import TokenKind, region_table
 
 
 @pytest.mark.parametrize(

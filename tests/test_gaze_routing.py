@@ -5,15 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax.gaze import routing
-from gazejax.gaze.regions import (
-    TextSegment,
-    TokenKind,
-    TokenMeta,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
-)
+from gazejax.gaze import budget
+from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
+from kernels.gaze_attention import TokenKind, TokenMeta, routing
 
 
 def random(rng, *shape):
@@ -94,7 +88,7 @@ def test_invalid_top_k_names_the_key(bad):
     with pytest.raises(ValueError, match="top_k"):
         routing.validate_top_k(bad)
     with pytest.raises(ValueError, match="top_k"):
-        routing.gaze_kv_size(bad, 36, 4, 8)
+        budget.gaze_kv_size(bad, 36, 4, 8)
 
 
 def test_invalid_routing_names_the_key():
@@ -104,23 +98,23 @@ def test_invalid_routing_names_the_key():
 
 def test_progressive_top_k_falls_from_all_regions_to_the_target():
     schedule = [
-        routing.progressive_top_k(s, start=128, target=20, decay_steps=1000)
+        budget.progressive_top_k(s, start=128, target=20, decay_steps=1000)
         for s in range(0, 1300, 50)
     ]
     assert schedule[0] == 128 and schedule[-1] == 20
-    assert routing.progressive_top_k(500, start=128, target=20, decay_steps=1000) == 74
+    assert budget.progressive_top_k(500, start=128, target=20, decay_steps=1000) == 74
     assert all(a >= b for a, b in zip(schedule, schedule[1:], strict=False))
-    assert routing.progressive_top_k(0, start=128, target=20, decay_steps=0) == 20
+    assert budget.progressive_top_k(0, start=128, target=20, decay_steps=0) == 20
     with pytest.raises(ValueError, match="top_k"):
-        routing.progressive_top_k(0, start=10, target=20, decay_steps=5)
+        budget.progressive_top_k(0, start=10, target=20, decay_steps=5)
 
 
 def test_kv_size_matches_the_paper():
     # §3.5: 8 frames × 576 tokens, m = 36, K = 20, |C| = 4 → 752 of 4608 entries
-    assert routing.gaze_kv_size(20, 36, 4, 8) == 752
-    assert routing.gaze_kv_size(2, 36, 4, 1) == 76  # Table 1: "72+4"
-    assert routing.gaze_kv_size(50, 36, 4, 1, num_regions=16) == 16 * 36 + 4
+    assert budget.gaze_kv_size(20, 36, 4, 8) == 752
+    assert budget.gaze_kv_size(2, 36, 4, 1) == 76  # Table 1: "72+4"
+    assert budget.gaze_kv_size(50, 36, 4, 1, num_regions=16) == 16 * 36 + 4
     with pytest.raises(ValueError, match="num_context_tokens"):
-        routing.gaze_kv_size(2, 36, -1, 1)
+        budget.gaze_kv_size(2, 36, -1, 1)
     with pytest.raises(ValueError, match="region_size"):
-        routing.gaze_kv_size(2, 0, 4, 1)
+        budget.gaze_kv_size(2, 0, 4, 1)

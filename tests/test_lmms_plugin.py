@@ -23,10 +23,10 @@ from PIL import Image
 from gazejax import generate as gen
 from gazejax.data.packing import Text
 from gazejax.data.vocab import IM_END_TOKEN, build_tokenizer
-from gazejax.gaze.regions import TokenKind
 from gazejax.lmms.model import GazeJaxLMM, cut_at
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
+from kernels.gaze_attention import TokenKind
 from tests.workdirs import greedy_reference, save_random_workdir, tiny_gaze_config
 
 QUESTIONS = ("what color is the square?", "what shape is it?", "is the circle big?", "count.")

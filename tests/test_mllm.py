@@ -11,17 +11,12 @@ import numpy as np
 import pytest
 
 from gazejax.data.packing import Text, Visual, pack_batch
-from gazejax.gaze.regions import (
-    TextSegment,
-    TokenKind,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
-)
+from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
 from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
 from gazejax.models.projector import ProjectorConfig
 from gazejax.models.vit import vit_config
+from kernels.gaze_attention import TokenKind
 
 VOCAB = 61
 

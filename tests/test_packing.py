@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gazejax.data.packing import Text, Visual, interleave, pack_batch
-from gazejax.gaze.regions import TokenKind
+from kernels.gaze_attention import TokenKind
 from tests.test_mllm import _config
 
 IMAGE = 7  # placeholder id

@@ -8,25 +8,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax.gaze import routing
-from gazejax.gaze.regions import (
-    TextSegment,
+from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
+from kernels.gaze_attention import (
     TokenKind,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
+    gaze_attention,
+    pallas_decode,
+    reference,
+    routing,
+    visibility,
 )
-from kernels.gaze_attention import gaze_attention, pallas_decode, reference
 
 T, V = TextSegment, VisualSegment
 BACKENDS = ["tpu", "triton"]  # the Mosaic and the Triton kernel
 
+
+def select_and_attend(q, k, v, query_meta, meta, table, descriptors, *, top_k, scale, backend,
+                      interpret=None, max_unrouted_tokens=None, **options):
+    """The dispatcher's selection, then the decode kernel of an explicit ``backend``."""
+    allowed = routing.routable(query_meta, table)
+    selection = routing.select_regions(q, descriptors, allowed, top_k=top_k, **options)
+    out, _ = pallas_decode.attend_selected_pallas_decode(
+        q, k, v, query_meta, meta, table, selection, scale=scale,
+        max_unrouted_tokens=max_unrouted_tokens, backend=backend, interpret=interpret, **options,
+    )
+    return out.astype(q.dtype), selection
+
+
 decode = jax.jit(
-    pallas_decode.gaze_decode_pallas,
+    select_and_attend,
     static_argnames=("top_k", "routing", "scale", "max_unrouted_tokens", "backend", "interpret"),
 )
 attend = jax.jit(
-    pallas_decode.attend_selected_pallas,
+    pallas_decode.attend_selected_pallas_decode,
     static_argnames=("routing", "scale", "max_unrouted_tokens", "backend", "interpret"),
 )
 
@@ -45,7 +58,7 @@ def expectations(q, k, v, query_meta, meta, table, descriptors, *, max_unrouted_
     by_xla = gaze_attention(*args, descriptors=descriptors, implementation="xla",
                             max_unrouted_tokens=max_unrouted_tokens, **options)
     selected = reference.selected_tokens(selection, meta.region, table.num_regions)
-    seen = reference.visibility(query_meta, meta, selected)
+    seen = visibility(query_meta, meta, selected)
     group = q.shape[2] // k.shape[2]
     keys = jnp.repeat(k.astype(jnp.float32), group, axis=2)
     logits = jnp.einsum("bqhd,blhd->bqhl", q.astype(jnp.float32), keys) * q.shape[-1] ** -0.5
@@ -262,7 +275,7 @@ def test_unrouted_pieces_cover_the_visible_text_and_context():
     pieces = jax.jit(pallas_decode._unrouted_pieces, static_argnums=(2, 3))
     count, start, length = map(np.asarray, pieces(step.query_meta, step.meta, 32, tile))
     no_regions = jnp.zeros(step.meta.kind.shape, bool)[:, None, None]
-    seen = np.asarray(reference.visibility(step.query_meta, step.meta, no_regions))[:, 0, 0]
+    seen = np.asarray(visibility(step.query_meta, step.meta, no_regions))[:, 0, 0]
     for b in range(seen.shape[0]):
         covered = np.zeros_like(seen[b])
         for s, n in zip(start[b, : count[b]], length[b, : count[b]], strict=True):
@@ -291,7 +304,7 @@ def test_kernels_lower_for_their_platform(backend, platform, call):
     descriptors = jnp.zeros((batch, table.num_regions, kv_heads, head_dim), jnp.float32)
     query_meta = jax.tree.map(lambda x: x[:, -1:], meta)
     step = functools.partial(
-        pallas_decode.gaze_decode_pallas, top_k=2, routing="per_head", scale=0.1,
+        select_and_attend, top_k=2, routing="per_head", scale=0.1,
         max_unrouted_tokens=16, backend=backend, interpret=False,
     )
     lowered = jax.jit(step).trace(query, cache, cache, query_meta, meta, table, descriptors)

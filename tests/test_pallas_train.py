@@ -8,15 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax.gaze import routing
-from gazejax.gaze.regions import (
-    TextSegment,
-    VisualSegment,
-    batch_layouts,
-    build_layout,
-)
-from kernels.gaze_attention import reference
-from kernels.gaze_attention.pallas_train import gaze_attention_pallas_train, tile_codes
+from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
+from kernels.gaze_attention import reference, routing, visibility
+from kernels.gaze_attention.pallas_train import attend_selected_pallas_train, tile_codes
 
 
 def make_case(samples, region_size, heads, head_dim, dtype, pad_regions=False, seed=0):
@@ -38,23 +32,27 @@ def make_case(samples, region_size, heads, head_dim, dtype, pad_regions=False, s
 )
 def run(q, k, v, weights, query_meta, kv_meta, table, descriptors, *, implementation, top_k,
         route, block_q=None, block_kv=None):
-    """(out, selection, (dq, dk, dv)) of ``sum(out * weights)`` for one implementation."""
-    options = dict(top_k=top_k, routing=route, scale=q.shape[-1] ** -0.5)
+    """(out, lse, (dq, dk, dv)) for one implementation, given the dispatcher's selection.
+
+    The gradients are those of ``sum(out * weights) + sum(lse * weights[..., 0])`` (``lse``
+    where finite), so both outputs' gradients are checked.
+    """
+    allowed = routing.routable(query_meta, table)
+    selection = routing.select_regions(q, descriptors, allowed, top_k=top_k, routing=route)
+    if implementation == "reference":
+        attend = reference.attend_selected_reference
+    else:
+        attend = functools.partial(attend_selected_pallas_train, block_q=block_q,
+                                   block_kv=block_kv)
 
     def loss(q, k, v):
-        if implementation == "reference":
-            out, selection = reference.gaze_attention_reference(
-                q, k, v, query_meta, kv_meta, table.num_regions, descriptors, **options
-            )
-        else:
-            out, selection = gaze_attention_pallas_train(
-                q, k, v, query_meta, kv_meta, table, descriptors, block_q=block_q,
-                block_kv=block_kv, **options,
-            )
-        return jnp.sum(out.astype(jnp.float32) * weights), (out, selection)
+        out, lse = attend(q, k, v, query_meta, kv_meta, table, selection, routing=route,
+                          scale=q.shape[-1] ** -0.5)
+        lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0) * weights[..., 0]
+        return jnp.sum(out.astype(jnp.float32) * weights) + jnp.sum(lse_term), (out, lse)
 
-    (_, (out, selection)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-    return out, selection, grads
+    (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, lse, grads
 
 
 def assert_close(actual, expected, tol):
@@ -116,14 +114,14 @@ def test_forward_and_gradients_equal_the_reference(name):
     args, options, blocks = prepare(name)
     q = args[0]
     tol = 1e-5 if q.dtype == jnp.float32 else 1e-2
-    expected, expected_selection, expected_grads = run(
-        *args, implementation="reference", **options
-    )
-    out, selection, grads = run(*args, implementation="pallas", **options, **blocks)
+    expected, expected_lse, expected_grads = run(*args, implementation="reference", **options)
+    out, lse, grads = run(*args, implementation="pallas", **options, **blocks)
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert_close(out, expected, tol)
-    np.testing.assert_array_equal(selection.region, expected_selection.region)
-    np.testing.assert_array_equal(selection.valid, expected_selection.valid)
+    assert_close(out, expected.astype(q.dtype), tol)
+    unseen = np.isneginf(np.asarray(expected_lse))
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), unseen)
+    assert not unseen.all()  # padding queries (ragged batches) see nothing
+    assert_close(np.where(unseen, 0, lse), np.where(unseen, 0, expected_lse), tol)
     for grad, expected_grad, x in zip(grads, expected_grads, args[:3], strict=True):
         assert grad.dtype == x.dtype
         assert_close(grad, expected_grad, tol)
@@ -170,7 +168,7 @@ def test_tile_codes_skip_exactly_the_invisible_tiles():
         selection = routing.select_regions(q, descriptors, allowed, top_k=1, routing="per_head")
         codes = tile_codes(meta, meta, selection.region, table.num_regions, block, block)
         chosen = reference.selected_tokens(selection, meta.region, table.num_regions)
-        return codes, reference.visibility(meta, meta, chosen)
+        return codes, visibility(meta, meta, chosen)
 
     codes, visible = (np.asarray(x) for x in codes_and_visibility(q, k, meta, table))
     batch, length, heads, _ = visible.shape
@@ -191,10 +189,12 @@ def test_tile_codes_skip_exactly_the_invisible_tiles():
 def test_block_sizes_must_be_powers_of_two():
     args, options, _ = prepare("gqa1 d64 K=1 two images")
     q, k, v, _, query_meta, kv_meta, table, descriptors = args
+    allowed = routing.routable(query_meta, table)
+    selection = routing.select_regions(q, descriptors, allowed, top_k=1, routing="per_head")
     with pytest.raises(ValueError, match="block_q"):
-        gaze_attention_pallas_train(
-            q, k, v, query_meta, kv_meta, table, descriptors, top_k=1, routing="per_head",
-            scale=0.1, block_q=12,
+        attend_selected_pallas_train(
+            q, k, v, query_meta, kv_meta, table, selection, routing="per_head", scale=0.1,
+            block_q=12,
         )
 
 
@@ -208,10 +208,12 @@ def test_lowers_for_tpu_and_gpu(platform):
     samples = [[TextSegment(5), VisualSegment(12, 12), TextSegment(40)]]
     meta, table, q, k, v, _ = make_case(samples, (6, 6), (4, 2), 128, jnp.bfloat16, True)
     descriptors = routing.region_descriptors(k, meta, table.num_regions)
+    selection = routing.select_regions(q, descriptors, routing.routable(meta, table), top_k=2,
+                                       routing="per_head")
 
     def forward(q, k, v):
-        return gaze_attention_pallas_train(
-            q, k, v, meta, meta, table, descriptors, top_k=2, routing="per_head", scale=0.1,
+        return attend_selected_pallas_train(
+            q, k, v, meta, meta, table, selection, routing="per_head", scale=0.1,
             block_q=64, block_kv=128, interpret=False,
         )[0]
 

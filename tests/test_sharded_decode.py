@@ -21,24 +21,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax.gaze import routing
 from gazejax.gaze.regions import (
     SequenceLayout,
     TextSegment,
-    TokenKind,
-    TokenMeta,
     VisualSegment,
     batch_layouts,
     build_layout,
 )
-from kernels.gaze_attention import gaze_attention
-from kernels.gaze_attention.reference import attend_selected_reference
-from kernels.gaze_attention.sharded import (
+from gazejax.gaze.shard_layout import shard_layouts
+from kernels.gaze_attention import (
     ATTEND_SELECTED,
+    TokenKind,
+    TokenMeta,
     check_sharded_layout,
-    shard_layouts,
+    gaze_attention,
+    routing,
     sharded_gaze_decode,
 )
+from kernels.gaze_attention.reference import attend_selected_reference
 from kernels.gaze_attention.xla import attend_selected_xla
 
 NUM_DEVICES = 8

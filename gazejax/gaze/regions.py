@@ -10,14 +10,14 @@ Storage of one visual segment, per clip of ``r_t`` frames: the clip's visual tok
 (tokens of a region in raster order), then the ``|C|`` context tokens of each of its frames.
 Positions follow the raster sequence ``frame 0, context 0, frame 1, context 1, ...``.
 
-Host side (NumPy): :func:`partition_unit`, :func:`build_layout`, :func:`batch_layouts`.
-Device side (pytrees): :class:`TokenMeta`, :class:`RegionTable`, :func:`region_table`.
+Host side (NumPy): :func:`partition_unit`, :func:`build_layout`; :func:`batch_layouts` stacks
+samples into the op's device-side pytrees (``kernels.gaze_attention.metadata``:
+:class:`TokenMeta`, :class:`RegionTable`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -25,16 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-
-class TokenKind(enum.IntEnum):
-    """What a token (or a KV-cache slot) holds."""
-
-    PADDING = -1
-    TEXT = 0
-    VISUAL = 1
-    CONTEXT = 2
+from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
 
 
 class RegionSize(NamedTuple):
@@ -219,7 +211,7 @@ def build_layout(
         unit,
         region,
         pos,
-        *_region_extents(region, pos, num_regions),
+        *region_extents(region, pos, num_regions),
         region_capacity=capacity,
         num_units=num_units,
     )
@@ -240,8 +232,11 @@ def _pad_regions(tokens, raster, units, capacity):
     return tuple(padded)
 
 
-def _region_extents(region: np.ndarray, position: np.ndarray, num_regions: int):
-    """Per-region start slot, token count and last position of a storage-ordered sample."""
+def region_extents(
+    region: np.ndarray, position: np.ndarray, num_regions: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region ``(start slot, token count, last position)``, each [num_regions] int32, of a
+    storage-ordered sample (``region``, ``position``: [length], ``-1`` off regions)."""
     real = np.flatnonzero(region >= 0)
     ids = region[real]
     length = np.bincount(ids, minlength=num_regions)
@@ -251,52 +246,6 @@ def _region_extents(region: np.ndarray, position: np.ndarray, num_regions: int):
     np.maximum.at(last, ids, position[real])
     start = np.where(length > 0, first, 0)
     return start.astype(np.int32), length.astype(np.int32), last.astype(np.int32)
-
-
-@struct.dataclass
-class TokenMeta:
-    """Per-token metadata of a (padded) sequence or KV cache; a pytree of int32 arrays.
-
-    Attributes:
-      kind: [batch, length] :class:`TokenKind` values (``-1`` padding / empty cache slot).
-      unit: [batch, length] visual unit (image or frame) of visual and context tokens, ``-1``
-        for text and padding.
-      region: [batch, length] region index within the sample for visual tokens, else ``-1``.
-      position: [batch, length] raster-order position id (the causal order), ``-1`` for padding.
-    """
-
-    kind: jax.Array
-    unit: jax.Array
-    region: jax.Array
-    position: jax.Array
-
-    @property
-    def valid(self) -> jax.Array:
-        """[batch, length] bool: a real token (not padding)."""
-        return self.kind != TokenKind.PADDING
-
-
-@struct.dataclass
-class RegionTable:
-    """Where every region sits in the KV cache; a pytree of int32 arrays.
-
-    Attributes:
-      start: [batch, num_regions] cache slot of the region's first token.
-      length: [batch, num_regions] tokens in the region (its slots are ``start + [0, length)``);
-        ``0`` for region slots a sample does not use.
-      last_position: [batch, num_regions] largest position id in the region; a query at
-        position ``p`` may select the region only if ``last_position < p``.
-      capacity: static ``m``, the most tokens a region holds.
-    """
-
-    start: jax.Array
-    length: jax.Array
-    last_position: jax.Array
-    capacity: int = struct.field(pytree_node=False)
-
-    @property
-    def num_regions(self) -> int:
-        return self.start.shape[-1]
 
 
 def batch_layouts(
@@ -327,26 +276,3 @@ def batch_layouts(
         capacity=max(x.region_capacity for x in layouts),
     )
     return meta, table
-
-
-def region_table(kv_meta: TokenMeta, num_regions: int, capacity: int) -> RegionTable:
-    """The :class:`RegionTable` of a cache, computed from its metadata (jittable).
-
-    Assumes, as :func:`build_layout` guarantees, that each region's tokens are contiguous.
-    """
-    visual = kv_meta.kind == TokenKind.VISUAL
-    segment = jnp.where(visual, kv_meta.region, num_regions)
-    slot = jnp.broadcast_to(jnp.arange(segment.shape[-1], dtype=jnp.int32), segment.shape)
-
-    def per_sample(segment, slot, position, visual):
-        def reduce(op, values, fill):
-            out = op(jnp.where(visual, values, fill), segment, num_segments=num_regions + 1)
-            return out[:num_regions]
-
-        length = reduce(jax.ops.segment_sum, jnp.ones_like(slot), 0)
-        start = jnp.where(length > 0, reduce(jax.ops.segment_min, slot, 0), 0)
-        last = jnp.where(length > 0, reduce(jax.ops.segment_max, position, -1), -1)
-        return start, length, last
-
-    start, length, last = jax.vmap(per_sample)(segment, slot, kv_meta.position, visual)
-    return RegionTable(start, length, last, capacity=capacity)

@@ -15,12 +15,19 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
-from gazejax.gaze.routing import ROUTINGS, region_descriptors, validate_top_k
 from gazejax.models.attention import apply_rope, dense_attention, rope_cos_sin
 from gazejax.models.layers import Projection
-from kernels.gaze_attention import IMPLEMENTATIONS, gaze_attention
-from kernels.gaze_attention.reference import visibility
+from kernels.gaze_attention import (
+    IMPLEMENTATIONS,
+    ROUTINGS,
+    RegionTable,
+    TokenKind,
+    TokenMeta,
+    gaze_attention,
+    region_descriptors,
+    validate_top_k,
+    visibility,
+)
 
 Dtype = Any
 

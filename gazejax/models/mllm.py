@@ -17,10 +17,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gazejax.gaze.regions import RegionTable, TokenMeta
 from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
 from gazejax.models.projector import Projector, ProjectorConfig
 from gazejax.models.vit import VisionTransformer, ViTConfig
+from kernels.gaze_attention import RegionTable, TokenMeta
 
 
 @dataclasses.dataclass(frozen=True)

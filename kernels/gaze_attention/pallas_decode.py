@@ -1,8 +1,9 @@
 """Pallas decode kernel for gaze attention (``q_len == 1``), TPU (Mosaic) and GPU (Triton).
 
-Same semantics as the ``"xla"`` decode. Selection stays in XLA (:func:`routing.select_regions`,
-exact ``lax.top_k`` on float32 scores); the kernel then attends, per (sample, KV head), to a
-list of *segments*, each up to ``tile`` consecutive cache slots ``start + [0, length)``:
+Same semantics as the ``"xla"`` decode. Selection stays in XLA (the dispatcher's
+:func:`routing.select_regions`, exact ``lax.top_k`` on float32 scores); the kernel then
+attends, per (sample, KV head), to a list of *segments*, each up to ``tile`` consecutive cache
+slots ``start + [0, length)``:
 
 1. the *unrouted* keys the query sees (text and context tokens, at most ``max_unrouted_tokens``,
    the same slots the xla decode gathers), found in XLA from the metadata as runs of consecutive
@@ -30,8 +31,9 @@ output 0.
   Triton's smallest ``dot``.
 
 Without ``max_unrouted_tokens`` (any query kind: the whole cache outside the regions may be
-visible) the unrouted part is the xla decode's own (:func:`xla._unrouted`, which reads the whole
-cache), merged with the kernel's routed part by log-sum-exp; decode steps should pass the bound.
+visible) the unrouted part is the xla decode's own (:func:`xla.unrouted_state`, which reads
+the whole cache), merged with the kernel's routed part by log-sum-exp; decode steps should pass
+the bound.
 
 Both kernels are tested in interpret mode and lowered for TPU and CUDA on a CPU; interpret mode
 checks no hardware rule (tiling, the strided per-KV-head DMA), so neither is proven on a device.
@@ -49,60 +51,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from gazejax.gaze import routing as routing_lib
-from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
-from gazejax.gaze.routing import Selection
-from kernels.gaze_attention import reference, xla
+from kernels.gaze_attention import routing as routing_lib
+from kernels.gaze_attention import xla
+from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
+from kernels.gaze_attention.routing import Selection
 
 Backend = Literal["tpu", "cpu", "gpu", "cuda", "triton"]
 MAX_GROUP = 30  # query heads per KV head: one bit each in an int32 mask
 TRITON_MIN_DOT = 16  # Triton's smallest dot dimension
 
-__all__ = ["attend_selected_pallas", "gaze_decode_pallas"]
+__all__ = ["attend_selected_pallas_decode"]
 
 
-def gaze_decode_pallas(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    query_meta: TokenMeta,
-    kv_meta: TokenMeta,
-    table: RegionTable,
-    descriptors: jax.Array,
-    *,
-    top_k: int,
-    routing: routing_lib.Routing,
-    scale: float,
-    max_unrouted_tokens: int | None = None,
-    backend: Backend | None = None,
-    interpret: bool | None = None,
-) -> tuple[jax.Array, Selection]:
-    """One gaze decode step: exact top-K selection in XLA, then :func:`attend_selected_pallas`.
-
-    Args:
-      query: [batch, 1, num_heads, head_dim].
-      key, value: [batch, kv_len, num_kv_heads, head_dim], the region-major cache.
-      query_meta: [batch, 1] metadata of the query; kv_meta: [batch, kv_len] of the cache.
-      table: [batch, num_regions] region table of the cache.
-      descriptors: [batch, num_regions, num_kv_heads, head_dim] region descriptors.
-      top_k, routing, scale, max_unrouted_tokens: as for ``gaze_attention``.
-      backend, interpret: see :func:`attend_selected_pallas`.
-
-    Returns:
-      ``(out [batch, 1, num_heads, head_dim] in query.dtype, Selection)``.
-    """
-    allowed = routing_lib.routable(query_meta, table)
-    selection = routing_lib.select_regions(
-        query, descriptors, allowed, top_k=top_k, routing=routing
-    )
-    out, _ = attend_selected_pallas(
-        query, key, value, query_meta, kv_meta, table, selection, routing=routing, scale=scale,
-        max_unrouted_tokens=max_unrouted_tokens, backend=backend, interpret=interpret,
-    )
-    return out.astype(query.dtype), selection
-
-
-def attend_selected_pallas(
+def attend_selected_pallas_decode(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
@@ -160,7 +121,7 @@ def attend_selected_pallas(
     out, lse = call(pieces, regions, q, _at_least(key, tile), _at_least(value, tile),
                     scale=scale, tile=tile, interpret=interpret)
     if max_unrouted_tokens is None:
-        state = xla._unrouted(query, key, value, query_meta, kv_meta, scale, None)
+        state = xla.unrouted_state(query, key, value, query_meta, kv_meta, scale, None)
         out, lse = _merge(out, lse, state)
     return out.reshape(batch, 1, num_heads, head_dim), lse.reshape(batch, 1, num_heads)
 
@@ -208,7 +169,7 @@ def _unrouted_pieces(query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tok
     keep = (kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)
     keep &= jnp.cumsum(keep, axis=1) <= max_unrouted_tokens
     no_regions = jnp.zeros(kind.shape, bool)[:, None, None]
-    seen = keep & reference.visibility(query_meta, kv_meta, no_regions)[:, 0, 0]
+    seen = keep & visibility(query_meta, kv_meta, no_regions)[:, 0, 0]
     slot = jnp.arange(kv_len, dtype=jnp.int32)
     after_gap = jnp.pad(~seen[:, :-1], [(0, 0), (1, 0)], constant_values=True)
     run_start = lax.cummax(jnp.where(seen & after_gap, slot, 0), axis=1)

@@ -4,8 +4,8 @@ Semantics are those of ``reference`` (DESIGN.md §2–§4): a text query sees ea
 context tokens of earlier units and the tokens of its selected regions; a visual query sees every
 earlier token; a context query sees its unit's visual tokens and its unit's context tokens up to
 itself; padding sees nothing; rows that see nothing output 0 and get zero gradient. Routing
-(exact ``lax.top_k`` on float32 scores, stop-gradient) runs in XLA before the kernels, exactly as
-``reference.attend`` does it.
+(exact ``lax.top_k`` on float32 scores, stop-gradient) runs in XLA before the kernels, once for
+every implementation (``dispatch.gaze_attention``).
 
 Layout. Inside the kernels everything is head-major: queries ``[b, h, q, d]``, keys and values
 ``[b, kv_heads, kv, d]``; per-token metadata is split into int32 vectors, query-side as columns
@@ -39,13 +39,15 @@ Forward (grid ``(b, h, q_tiles)``). A query tile stays resident; a ``fori_loop``
 kv tiles (the whole kv sequence of the program's KV head is the block, as in JAX's GPU flash
 attention) with an online softmax in float32; masked logits take a finite ``MASK_VALUE`` and
 masked probabilities are forced to 0, so fully masked tiles and rows never produce inf - inf.
-It writes the output and the log-sum-exp (0 for rows that see nothing).
+It writes the output and the log-sum-exp (``MASK_VALUE`` for rows that see nothing, ``-inf``
+once out of the kernel).
 
-Backward, under ``jax.custom_vjp``: ``delta = rowsum(out * d_out)`` in XLA, then two kernels that
-recompute probabilities per tile from the saved log-sum-exp. dQ: grid ``(b, h, q_tiles)``, loop
-over the plan's kv tiles. dK/dV: grid ``(b, kv_heads, kv_tiles)``, kv-major: each program owns
-one kv tile and loops over the ``(head, q tile)`` pairs of its GQA group that see it, so the sum
-over the group's query heads happens in the kernel, deterministically, without atomics.
+Backward, under ``jax.custom_vjp``: ``delta = rowsum(out * d_out) - d_lse`` in XLA, then two
+kernels that recompute probabilities per tile from the saved log-sum-exp. dQ: grid
+``(b, h, q_tiles)``, loop over the plan's kv tiles. dK/dV: grid ``(b, kv_heads, kv_tiles)``,
+kv-major: each program owns one kv tile and loops over the ``(head, q tile)`` pairs of its GQA
+group that see it, so the sum over the group's query heads happens in the kernel,
+deterministically, without atomics.
 
 Platforms. One kernel body serves both: ``lax.platform_dependent`` picks at lowering time the
 Mosaic TPU call (plans in SMEM, all grid axes parallel) or the Triton call (power-of-two tiles,
@@ -73,34 +75,37 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from gazejax.gaze import routing as routing_lib
-from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
+from kernels.gaze_attention import routing as routing_lib
+from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
+from kernels.gaze_attention.routing import Selection
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 DEFAULT_BLOCK = 128
 UNROUTED, ROUTED = 1, 2  # tile code bits: visible without routing; holds a selected region
 _TILE_BITS = 22  # dK/dV plan entries: (head << 24) | (q_tile << 2) | code
 
-__all__ = ["gaze_attention_pallas_train", "tile_codes"]
+__all__ = ["attend_selected_pallas_train", "tile_codes"]
 
 
-def gaze_attention_pallas_train(
+def attend_selected_pallas_train(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
     query_meta: TokenMeta,
     kv_meta: TokenMeta,
     table: RegionTable,
-    descriptors: jax.Array,
+    selection: Selection,
     *,
-    top_k: int,
     routing: routing_lib.Routing,
     scale: float,
+    max_unrouted_tokens: int | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
     interpret: bool | None = None,
-) -> tuple[jax.Array, routing_lib.Selection]:
-    """Gaze attention of many queries with Pallas flash kernels (differentiable in q, k, v).
+) -> tuple[jax.Array, jax.Array]:
+    """Gaze attention of many queries given their selection, with Pallas flash kernels.
+
+    Differentiable in ``query``, ``key``, ``value`` (through both outputs).
 
     Args:
       query: [batch, q_len, num_heads, head_dim].
@@ -110,20 +115,19 @@ def gaze_attention_pallas_train(
       query_meta: [batch, q_len] metadata of the queries.
       kv_meta: [batch, kv_len] metadata of the keys.
       table: [batch, num_regions] region table of the keys.
-      descriptors: [batch, num_regions, num_kv_heads, head_dim] region descriptors (no
-        gradient flows into them).
-      top_k: K, regions per text query (per head, or per GQA group when shared).
-      routing: ``"per_head"`` or ``"shared"``.
+      selection: [batch, q_len, num_heads, top_k] regions of ``table`` per query head.
+      routing, max_unrouted_tokens: unused (the selection is per head; every tile that may be
+        visible is read); accepted for the signature shared by every implementation.
       scale: logit scale.
       block_q, block_kv: tile sizes (powers of two); default ``min(128, next power of two of
         the length)``.
       interpret: run in the Pallas interpreter; default: when the default backend is CPU.
 
     Returns:
-      ``(out [batch, q_len, num_heads, head_dim] in query.dtype, Selection)``.
+      ``(out [batch, q_len, num_heads, head_dim] in query.dtype, lse [batch, q_len, num_heads]
+      float32)``; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
     """
-    routing_lib.validate_top_k(top_k)
-    routing_lib.validate_routing(routing)
+    del routing, max_unrouted_tokens
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1:3]
     if key.shape != value.shape or key.shape[-1] != head_dim or num_heads % num_kv_heads:
@@ -138,10 +142,6 @@ def gaze_attention_pallas_train(
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
 
-    allowed = routing_lib.routable(query_meta, table)
-    selection = routing_lib.select_regions(
-        query, descriptors, allowed, top_k=top_k, routing=routing
-    )
     q_meta, k_meta = _pad_meta(query_meta, block_q), _pad_meta(kv_meta, block_kv)
     q_pad, kv_pad = q_meta.kind.shape[1] - q_len, k_meta.kind.shape[1] - kv_len
     region = _pad_axis(selection.region, 1, q_pad, -1)  # [b, q, h, K]
@@ -159,12 +159,14 @@ def gaze_attention_pallas_train(
         q_plan=q_plan,
         kv_plan=kv_plan,
     )
-    config = _Config(scale=float(scale), block_q=block_q, block_kv=block_kv, top_k=top_k,
-                     group=group, interpret=bool(interpret))
+    config = _Config(scale=float(scale), block_q=block_q, block_kv=block_kv,
+                     top_k=region.shape[-1], group=group, interpret=bool(interpret))
     q = _pad_axis(query, 1, q_pad, 0).transpose(0, 2, 1, 3)
     k, v = (_pad_axis(x, 1, kv_pad, 0).transpose(0, 2, 1, 3) for x in (key, value))
-    out = _flash(config, q, k, v, aux)
-    return out[:, :, :q_len].transpose(0, 2, 1, 3), selection
+    out, lse = _flash(config, q, k, v, aux)
+    lse = lse[:, :, :q_len, 0].transpose(0, 2, 1)
+    lse = jnp.where(lse > MASK_VALUE / 2, lse, -jnp.inf)  # the kernel marks unseen rows
+    return out[:, :, :q_len].transpose(0, 2, 1, 3), lse
 
 
 def tile_codes(
@@ -338,19 +340,23 @@ def _plan(codes: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(config: _Config, q, k, v, aux: _Aux) -> jax.Array:
-    """q [b, h, q, d], k/v [b, kv_heads, kv, d] (padded, head-major) → out [b, h, q, d]."""
-    return _forward(config, q, k, v, aux)[0]
+def _flash(config: _Config, q, k, v, aux: _Aux) -> tuple[jax.Array, jax.Array]:
+    """q [b, h, q, d], k/v [b, kv_heads, kv, d] (padded, head-major) → (out [b, h, q, d],
+    lse [b, h, q, 1] float32, ``MASK_VALUE`` for rows that see nothing)."""
+    return _forward(config, q, k, v, aux)
 
 
 def _flash_fwd(config, q, k, v, aux):
     out, lse = _forward(config, q, k, v, aux)
-    return out, (q, k, v, aux, out, lse)
+    return (out, lse), (q, k, v, aux, out, lse)
 
 
-def _flash_bwd(config, residuals, d_out):
+def _flash_bwd(config, residuals, cotangents):
     q, k, v, aux, out, lse = residuals
+    d_out, d_lse = cotangents
+    # d logits = P ∘ (dP - delta): the output's term, and d lse / d logits = P for the lse's.
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), -1, keepdims=True)
+    delta = delta - d_lse
     dq = _backward_q(config, q, k, v, d_out, lse, delta, aux)
     dk, dv = _backward_kv(config, q, k, v, d_out, lse, delta, aux)
     return dq, dk, dv, None
@@ -566,7 +572,7 @@ def _forward_kernel(plan_ref, q_ref, k_ref, v_ref, q_kind_ref, q_unit_ref, q_pos
     seen = total > 0
     total = jnp.where(seen, total, 1.0)
     o_ref[...] = jnp.where(seen, acc / total, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, peak + jnp.log(total), 0.0)
+    lse_ref[...] = jnp.where(seen, peak + jnp.log(total), MASK_VALUE)
 
 
 def _backward_q_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,

@@ -1,8 +1,8 @@
 """Reference gaze attention: masked dense attention built from per-token metadata.
 
-Layout-agnostic (storage order does not matter; region extents and descriptors are recomputed
-from the metadata) and materialises ``[batch, heads, q_len, kv_len]``: the oracle that every
-other implementation is tested against.
+Layout-agnostic (storage order does not matter: the mask comes from kinds, units, positions and
+region ids; the dispatcher recomputes region extents from the metadata for it) and materialises
+``[batch, heads, q_len, kv_len]``: the oracle that every other implementation is tested against.
 """
 
 from __future__ import annotations
@@ -10,36 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gazejax.gaze import routing as routing_lib
-from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta, region_table
-
-
-def visibility(query_meta: TokenMeta, kv_meta: TokenMeta, selected: jax.Array) -> jax.Array:
-    """Who sees what (DESIGN.md §2), as a mask.
-
-    Args:
-      query_meta: [batch, q_len] metadata of the queries.
-      kv_meta: [batch, kv_len] metadata of the keys.
-      selected: [batch, q_len, num_heads, kv_len] bool, key lies in a region the query head
-        selected (only read for text queries).
-
-    Returns:
-      [batch, q_len, num_heads, kv_len] bool.
-    """
-    q = jax.tree.map(lambda x: x[:, :, None, None], query_meta)
-    k = jax.tree.map(lambda x: x[:, None, None, :], kv_meta)
-    causal = k.position <= q.position
-    text_sees = causal & ((k.kind == TokenKind.TEXT) | (k.kind == TokenKind.CONTEXT))
-    text_sees = text_sees | ((k.kind == TokenKind.VISUAL) & selected)
-    context_sees = (k.unit == q.unit) & (
-        (k.kind == TokenKind.VISUAL) | ((k.kind == TokenKind.CONTEXT) & causal)
-    )
-    sees = jnp.select(
-        [q.kind == TokenKind.TEXT, q.kind == TokenKind.VISUAL, q.kind == TokenKind.CONTEXT],
-        [text_sees, causal, context_sees],
-        False,
-    )
-    return sees & q.valid & k.valid
+from kernels.gaze_attention import routing as routing_lib
+from kernels.gaze_attention.metadata import RegionTable, TokenMeta, visibility
 
 
 def selected_tokens(selection: routing_lib.Selection, kv_region: jax.Array, num_regions: int):
@@ -113,48 +85,3 @@ def attend_selected_reference(
     selected = selected_tokens(selection, kv_meta.region, table.num_regions)
     mask = visibility(query_meta, kv_meta, selected)
     return masked_softmax(query, key, value, mask, scale)
-
-
-def attend(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    query_meta: TokenMeta,
-    kv_meta: TokenMeta,
-    descriptors: jax.Array,
-    table: RegionTable,
-    *,
-    top_k: int,
-    routing: routing_lib.Routing,
-    scale: float,
-) -> tuple[jax.Array, routing_lib.Selection]:
-    """Routing plus masked dense attention, given descriptors and region extents."""
-    allowed = routing_lib.routable(query_meta, table)
-    selection = routing_lib.select_regions(
-        query, descriptors, allowed, top_k=top_k, routing=routing
-    )
-    out, _ = attend_selected_reference(
-        query, key, value, query_meta, kv_meta, table, selection, routing=routing, scale=scale
-    )
-    return out.astype(query.dtype), selection
-
-
-def gaze_attention_reference(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    query_meta: TokenMeta,
-    kv_meta: TokenMeta,
-    num_regions: int,
-    descriptors: jax.Array | None,
-    *,
-    top_k: int,
-    routing: routing_lib.Routing,
-    scale: float,
-) -> tuple[jax.Array, routing_lib.Selection]:
-    """The oracle: region extents (and descriptors unless given) derived from ``kv_meta``."""
-    table = region_table(kv_meta, num_regions, capacity=0)
-    if descriptors is None:
-        descriptors = routing_lib.region_descriptors(key, kv_meta, num_regions)
-    return attend(query, key, value, query_meta, kv_meta, descriptors, table,
-                  top_k=top_k, routing=routing, scale=scale)

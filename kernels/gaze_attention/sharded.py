@@ -38,7 +38,8 @@ plus 8.1 KiB all-reduced, per layer and step, against a 256 MiB bfloat16 cache p
 ``N = 65536`` (shared routing halves the exchange). Two dependent rounds per step (exchange,
 then merge), both latency-bound at these sizes.
 
-Layout contract (what :func:`shard_layouts` produces and :func:`check_sharded_layout` checks):
+Layout contract (what ``gazejax.gaze.shard_layout.shard_layouts`` produces and
+:func:`check_sharded_layout` checks):
 
 - ``key``, ``value`` ``[batch, P·L, h_kv, d]`` and ``kv_meta`` ``[batch, P·L]``: shard ``s``
   holds slots ``[s·L, (s+1)·L)``.
@@ -52,50 +53,30 @@ Layout contract (what :func:`shard_layouts` produces and :func:`check_sharded_la
   ``region - s·R``).
 - Text and context tokens may sit on any shard (so decode steps append text anywhere).
 
-A decode loop builds this once: ``shard_layouts`` re-places the samples' region-major layouts
-(``regions.build_layout``) into ``P`` blocks of ``L`` slots, moving a region that would straddle
-a boundary to the next shard (padding the gap) and renumbering regions shard-major; then
-``regions.batch_layouts`` gives the cache metadata and the :class:`RegionTable` that
-``KVCache.empty`` takes, with ``max_len = P·L``; prefill descriptors (``routing.
-region_descriptors``) come out ``[batch, P·R, ...]``. Renumbering keeps the regions' order, so
-selections match the unsharded layout's up to the id map.
+A decode loop builds this once: ``gazejax.gaze.shard_layout.shard_layouts`` re-places the
+samples' region-major layouts into ``P`` blocks of ``L`` slots, moving a region that would
+straddle a boundary to the next shard (padding the gap) and renumbering regions shard-major;
+``gazejax.gaze.regions.batch_layouts`` then gives the cache metadata and the
+:class:`RegionTable` that ``KVCache.empty`` takes, with ``max_len = P·L``; prefill descriptors
+(``routing.region_descriptors``) come out ``[batch, P·R, ...]``. Renumbering keeps the
+regions' order, so selections match the unsharded layout's up to the id map.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from gazejax.gaze import routing as routing_lib
-from gazejax.gaze.regions import RegionTable, SequenceLayout, TokenKind, TokenMeta
-from gazejax.gaze.routing import Selection
-from kernels.gaze_attention.pallas_decode import attend_selected_pallas
-from kernels.gaze_attention.reference import attend_selected_reference
-from kernels.gaze_attention.xla import attend_selected_xla
+from kernels.gaze_attention import routing as routing_lib
+from kernels.gaze_attention.dispatch import ATTEND_SELECTED
+from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
+from kernels.gaze_attention.routing import Selection
 
-AttendSelected = Callable[..., tuple[jax.Array, jax.Array]]
-
-# Per implementation: attention given a selection, ``(query, key, value, query_meta, kv_meta,
-# table, selection, *, routing, scale, max_unrouted_tokens) -> (out f32, lse f32)``. The one
-# place to register another implementation. Pallas runs with its defaults: Mosaic on TPU,
-# Triton on GPU, the TPU kernel interpreted on CPU.
-ATTEND_SELECTED: dict[str, AttendSelected] = {
-    "reference": attend_selected_reference,
-    "xla": attend_selected_xla,
-    "pallas": attend_selected_pallas,
-}
-
-__all__ = [
-    "ATTEND_SELECTED",
-    "check_sharded_layout",
-    "shard_layouts",
-    "sharded_gaze_decode",
-]
+__all__ = ["check_sharded_layout", "sharded_gaze_decode"]
 
 
 def sharded_gaze_decode(
@@ -133,7 +114,7 @@ def sharded_gaze_decode(
       top_k: K, regions per query head (or GQA group) over the whole cache.
       routing: ``"per_head"`` or ``"shared"``.
       scale: logit scale; default ``1 / sqrt(head_dim)``.
-      implementation: a key of :data:`ATTEND_SELECTED`.
+      implementation: a key of :data:`~kernels.gaze_attention.dispatch.ATTEND_SELECTED`.
       max_unrouted_tokens: xla and pallas: static bound on the text + context slots of a
         sample **on one shard** (text queries only); see ``gaze_attention``.
 
@@ -249,61 +230,11 @@ def _global_top_k(query, descriptors, query_meta, table, first_region, *, axis, 
     return region, region >= 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Host side: building and checking the layout contract.
-
-
-def shard_layouts(
-    layouts: Sequence[SequenceLayout],
-    num_shards: int,
-    *,
-    shard_length: int | None = None,
-    regions_per_shard: int | None = None,
-) -> list[SequenceLayout]:
-    """The samples' layouts re-placed into ``num_shards`` blocks of ``shard_length`` slots.
-
-    Slots keep their storage order. A region's slots (with the padding slots that directly
-    follow it, e.g. from ``pad_regions=True``, so a padded region keeps its ``m`` slots
-    together) never straddle a block boundary: a region that would is moved to the next block
-    and the gap filled with padding. Regions are renumbered shard-major: block ``s`` owns ids
-    ``[s·R, (s+1)·R)``, ``R = regions_per_shard``, in slot order (unused ids are empty).
-
-    Args:
-      layouts: one sample each (``regions.build_layout``).
-      num_shards: ``P``, the size of the mesh axis that splits the sequence.
-      shard_length: ``L`` slots per shard; default the smallest that fits every sample. Pass a
-        larger one to leave room for decoded tokens (``max_len = P·L``).
-      regions_per_shard: ``R``; default the most regions any block holds.
-
-    Returns:
-      One :class:`SequenceLayout` of ``P·L`` slots and ``P·R`` region slots per sample; stack
-      them with ``regions.batch_layouts``.
-    """
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    atoms = [_atoms(layout) for layout in layouts]
-    if shard_length is None:
-        shard_length = max(_min_shard_length(sizes, num_shards) for sizes in atoms)
-    placed = [_place(sizes, shard_length) for sizes in atoms]
-    if any(blocks[-1] >= num_shards for blocks in placed if blocks.size):
-        raise ValueError(
-            f"the samples do not fit {num_shards} shards of shard_length={shard_length} slots "
-            "without splitting a region"
-        )
-    counts = [_regions_per_block(layout, sizes, blocks, num_shards)
-              for layout, sizes, blocks in zip(layouts, atoms, placed, strict=True)]
-    needed = max(max(int(c.max()) for c in counts), 1)
-    regions_per_shard = needed if regions_per_shard is None else regions_per_shard
-    if regions_per_shard < needed:
-        raise ValueError(f"regions_per_shard={regions_per_shard} < {needed} regions on a shard")
-    return [
-        _relayout(layout, sizes, blocks, num_shards, shard_length, regions_per_shard)
-        for layout, sizes, blocks in zip(layouts, atoms, placed, strict=True)
-    ]
-
-
 def check_sharded_layout(kv_meta: TokenMeta, table: RegionTable, num_shards: int) -> None:
-    """Raises ValueError unless concrete ``kv_meta``/``table`` follow the layout contract."""
+    """Raises ValueError unless concrete ``kv_meta``/``table`` follow the layout contract.
+
+    ``kv_meta``: [batch, P·L]; ``table``: [batch, P·R]; ``num_shards``: ``P``.
+    """
     kind, region = np.asarray(kv_meta.kind), np.asarray(kv_meta.region)
     start, length = np.asarray(table.start), np.asarray(table.length)
     kv_len, num_regions = kind.shape[1], start.shape[1]
@@ -322,102 +253,3 @@ def check_sharded_layout(kv_meta: TokenMeta, table: RegionTable, num_shards: int
     slot_shard = np.broadcast_to(np.arange(kv_len) // shard_length, kind.shape)
     if (visual & (np.maximum(region, 0) // regions_per_shard != slot_shard)).any():
         raise ValueError("a visual token lies outside the shard owning its region id")
-
-
-def _atoms(layout: SequenceLayout) -> np.ndarray:
-    """Sizes of the indivisible runs of slots: a region with its trailing padding, or a slot."""
-    sizes: list[int] = []
-    open_region = -1
-    for kind, region in zip(layout.kind, layout.region, strict=True):
-        if open_region >= 0 and (region == open_region or kind == TokenKind.PADDING):
-            sizes[-1] += 1
-        else:
-            sizes.append(1)
-            open_region = region
-    return np.asarray(sizes, np.int64)
-
-
-def _place(sizes: np.ndarray, shard_length: int) -> np.ndarray:
-    """Block of every atom, filling blocks in order (next fit); ``P`` blocks iff last < P."""
-    blocks = np.empty(sizes.size, np.int64)
-    block, used = 0, 0
-    for i, size in enumerate(sizes):
-        if size > shard_length:
-            raise ValueError(f"a region of {size} slots exceeds shard_length={shard_length}")
-        if used + size > shard_length:
-            block, used = block + 1, 0
-        blocks[i], used = block, used + size
-    return blocks
-
-
-def _min_shard_length(sizes: np.ndarray, num_shards: int) -> int:
-    """Smallest block length with which next fit uses at most ``num_shards`` blocks.
-
-    Blocks needed never grow with the length, and ``ceil(total / P) + largest atom`` always
-    fits (each closed block holds more than ``total / P`` slots): binary search between.
-    """
-    if not sizes.size:
-        return 1
-    low = max(int(sizes.max()), -(-int(sizes.sum()) // num_shards))
-    high = -(-int(sizes.sum()) // num_shards) + int(sizes.max())
-    while low < high:
-        middle = (low + high) // 2
-        if _place(sizes, middle)[-1] < num_shards:
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
-def _regions_per_block(layout, sizes, blocks, num_shards) -> np.ndarray:
-    """[num_shards] distinct regions in each block."""
-    slot_block = np.repeat(blocks, sizes)
-    visual = layout.region >= 0
-    counts = np.zeros(num_shards, np.int64)
-    for block in range(num_shards):
-        counts[block] = np.unique(layout.region[visual & (slot_block == block)]).size
-    return counts
-
-
-def _relayout(layout, sizes, blocks, num_shards, shard_length, regions_per_shard):
-    """``layout`` with atoms placed in ``blocks`` and regions renumbered shard-major."""
-    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    offset = np.zeros_like(first)  # slot of each atom within its block
-    for i in range(1, sizes.size):
-        if blocks[i] == blocks[i - 1]:
-            offset[i] = offset[i - 1] + sizes[i - 1]
-    slot_block = np.repeat(blocks, sizes)
-    dest = np.repeat(blocks * shard_length + offset - first, sizes) + np.arange(layout.length)
-
-    region = layout.region.copy()
-    for block in range(num_shards):
-        here = (slot_block == block) & (region >= 0)
-        _, first_slot, index = np.unique(layout.region[here], return_index=True,
-                                         return_inverse=True)
-        rank = np.argsort(np.argsort(first_slot))  # ids in order of their first slot
-        region[here] = block * regions_per_shard + rank[index]
-
-    length = num_shards * shard_length
-    columns = {}
-    for name, values in (("kind", layout.kind), ("unit", layout.unit), ("region", region),
-                         ("position", layout.position)):
-        column = np.full(length, -1, np.int32)
-        column[dest] = values
-        columns[name] = column
-    num_regions = num_shards * regions_per_shard
-    real = np.flatnonzero(columns["region"] >= 0)
-    ids = columns["region"][real]
-    region_length = np.bincount(ids, minlength=num_regions)
-    region_start = np.full(num_regions, length, np.int64)
-    np.minimum.at(region_start, ids, real)
-    region_start[region_length == 0] = 0
-    last_position = np.full(num_regions, -1, np.int64)
-    np.maximum.at(last_position, ids, columns["position"][real])
-    return SequenceLayout(
-        **columns,
-        region_start=region_start.astype(np.int32),
-        region_length=region_length.astype(np.int32),
-        region_last_position=last_position.astype(np.int32),
-        region_capacity=layout.region_capacity,
-        num_units=layout.num_units,
-    )

@@ -7,12 +7,12 @@ beyond the region's length masked), in chunks of a few regions under an online s
 big gather feeding a dot is slow and ``scan(unroll=True)`` slower still; see :func:`_routed`
 for bfloat16.
 
-:func:`attend_selected_xla` is that attention given a selection (returning the log-sum-exp too),
-as the sequence-sharded decode (``sharded.py``) uses it.
-
 Many queries (prefill, training) run the reference math block by block over queries under
 ``jax.checkpoint``, so neither the forward nor the backward holds more than one block's
 ``[heads, block, kv_len]`` scores.
+
+Both take the selection made by the dispatcher (``dispatch.gaze_attention``) and return the
+log-sum-exp beside the output, as the sequence-sharded decode (``sharded.py``) needs.
 """
 
 from __future__ import annotations
@@ -22,37 +22,56 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gazejax.gaze import routing as routing_lib
-from gazejax.gaze.regions import RegionTable, TokenKind, TokenMeta
 from kernels.gaze_attention import reference
+from kernels.gaze_attention import routing as routing_lib
+from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
+from kernels.gaze_attention.routing import Selection
 
 QUERY_BLOCK = 128
 REGIONS_PER_STEP = 8
 
 
-def gaze_attention_xla(
+def attend_selected_xla(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
     query_meta: TokenMeta,
     kv_meta: TokenMeta,
     table: RegionTable,
-    descriptors: jax.Array,
+    selection: Selection,
     *,
-    top_k: int,
     routing: routing_lib.Routing,
     scale: float,
     max_unrouted_tokens: int | None = None,
-) -> tuple[jax.Array, routing_lib.Selection]:
-    """Decode when ``q_len == 1``, else blockwise; see the module docstring."""
-    if query.shape[1] == 1:
-        return _decode(query, key, value, query_meta, kv_meta, table, descriptors, top_k=top_k,
-                       routing=routing, scale=scale, max_unrouted_tokens=max_unrouted_tokens)
-    return _blockwise(query, key, value, query_meta, kv_meta, table, descriptors, top_k=top_k,
-                      routing=routing, scale=scale)
+) -> tuple[jax.Array, jax.Array]:
+    """Gaze attention given the selected regions: decode when ``q_len == 1``, else blockwise.
+
+    Args:
+      query: [batch, q_len, num_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim], region-major.
+      query_meta: [batch, q_len]; kv_meta: [batch, kv_len] metadata.
+      table: [batch, num_regions] extents of the regions ``selection`` indexes.
+      selection: [batch, q_len, num_heads, top_k]; with ``routing="shared"`` the heads of a GQA
+        group must hold the same selection (decode reads only the group's first head).
+      routing: ``"per_head"`` or ``"shared"``.
+      scale: logit scale.
+      max_unrouted_tokens: decode only; see :func:`unrouted_state`.
+
+    Returns:
+      ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len, num_heads])`` float32,
+      ``out`` normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
+    """
+    if query.shape[1] > 1:
+        return _blockwise(query, key, value, query_meta, kv_meta, table, selection, scale=scale)
+    state = unrouted_state(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens)
+    peak, total, acc = _routed(query, key, value, table, selection, routing, scale, state)
+    seen = total > 0
+    out = acc / jnp.where(seen, total, 1.0)[..., None]
+    lse = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    return out.reshape(query.shape), lse.reshape(query.shape[:3])
 
 
-def _blockwise(query, key, value, query_meta, kv_meta, table, descriptors, **options):
+def _blockwise(query, key, value, query_meta, kv_meta, table, selection, *, scale):
     """Reference attention over query blocks of :data:`QUERY_BLOCK`, rematerialised."""
     batch, q_len = query.shape[:2]
     block = min(QUERY_BLOCK, q_len)
@@ -64,74 +83,37 @@ def _blockwise(query, key, value, query_meta, kv_meta, table, descriptors, **opt
         return jnp.moveaxis(x.reshape(batch, num_blocks, block, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
-    def one_block(q, q_meta):
-        return reference.attend(q, key, value, q_meta, kv_meta, descriptors, table, **options)
+    def one_block(q, q_meta, q_selection):
+        return reference.attend_selected_reference(
+            q, key, value, q_meta, kv_meta, table, q_selection, routing="per_head", scale=scale
+        )
 
     def step(_, xs):
         return None, one_block(*xs)
 
     meta_blocks = jax.tree.map(lambda x: blocks(x, TokenKind.PADDING), query_meta)
-    _, (out, selection) = jax.lax.scan(step, None, (blocks(query, 0), meta_blocks))
+    selection_blocks = Selection(blocks(selection.region, -1), blocks(selection.valid, False))
+    _, (out, lse) = jax.lax.scan(step, None, (blocks(query, 0), meta_blocks, selection_blocks))
 
     def unblock(x):
         return jnp.moveaxis(x, 0, 1).reshape(batch, num_blocks * block, *x.shape[3:])[:, :q_len]
 
-    return unblock(out), jax.tree.map(unblock, selection)
+    return unblock(out), unblock(lse)
 
 
-def _decode(query, key, value, query_meta, kv_meta, table, descriptors, *, top_k, routing, scale,
-            max_unrouted_tokens):
-    """One query per sample against a region-major cache."""
-    allowed = routing_lib.routable(query_meta, table)
-    selection = routing_lib.select_regions(
-        query, descriptors, allowed, top_k=top_k, routing=routing
-    )
-    out, _ = attend_selected_xla(query, key, value, query_meta, kv_meta, table, selection,
-                                 routing=routing, scale=scale,
-                                 max_unrouted_tokens=max_unrouted_tokens)
-    return out.astype(query.dtype), selection
-
-
-def attend_selected_xla(
+def unrouted_state(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
     query_meta: TokenMeta,
     kv_meta: TokenMeta,
-    table: RegionTable,
-    selection: routing_lib.Selection,
-    *,
-    routing: routing_lib.Routing,
     scale: float,
-    max_unrouted_tokens: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Decode attention given the selected regions: unrouted tokens, then the regions.
-
-    Args:
-      query: [batch, 1, num_heads, head_dim].
-      key, value: [batch, kv_len, num_kv_heads, head_dim], region-major.
-      query_meta: [batch, 1]; kv_meta: [batch, kv_len] metadata.
-      table: [batch, num_regions] extents of the regions ``selection`` indexes.
-      selection: [batch, 1, num_heads, top_k]; with ``routing="shared"`` the heads of a GQA
-        group must hold the same selection (only the group's first head is read).
-      routing: ``"per_head"`` or ``"shared"``.
-      scale: logit scale.
-      max_unrouted_tokens: see :func:`_unrouted`.
-
-    Returns:
-      ``(out [batch, 1, num_heads, head_dim], lse [batch, 1, num_heads])`` float32, ``out``
-      normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
-    """
-    state = _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens)
-    peak, total, acc = _routed(query, key, value, table, selection, routing, scale, state)
-    seen = total > 0
-    out = acc / jnp.where(seen, total, 1.0)[..., None]
-    lse = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-    return out.reshape(query.shape), lse.reshape(query.shape[:3])
-
-
-def _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens):
+    max_unrouted_tokens: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online-softmax state of the keys the query sees without routing, per KV head.
+
+    Shapes as for :func:`attend_selected_xla` with ``q_len == 1``; returns ``(max, sum
+    [batch, num_kv_heads, group], acc [batch, num_kv_heads, group, head_dim])`` float32.
 
     With ``max_unrouted_tokens`` only the cache's text and context slots (at most that many per
     sample) are gathered and read; the query must then be a text token. Without it the whole
@@ -148,7 +130,7 @@ def _unrouted(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens
         key, value = take(key, slots), take(value, slots)
         kv_meta = jax.tree.map(lambda x: jnp.where(found, take(x, slots), -1), kv_meta)
     no_regions = jnp.zeros((*query.shape[:3], key.shape[1]), bool)
-    mask = reference.visibility(query_meta, kv_meta, no_regions)[:, 0]  # [b, heads, kv_len]
+    mask = visibility(query_meta, kv_meta, no_regions)[:, 0]  # [b, heads, kv_len]
     batch, _, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
