@@ -2,19 +2,32 @@
 #   make train   the main job on the embedded default (synthetic set, tiny model, CPU);
 #                CONFIG=... and WORKDIR=... override, e.g. CONFIG=configs/synthetic.py:runlocal
 #   make test    the test suite (what CI runs)
+#   make lint    ruff check and ruff format --check
 #   make reproduce  train the default dense and gaze models, then sweep methods x KV budgets
+# train and reproduce install only the package and its runtime dependencies (pip install -e .);
+# test and lint add the [dev,lmms] extras and lmms-eval (requirements.txt,
+# requirements-lmms-eval.txt). Each stamp re-installs when the files it lists change.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/synthetic
 CONFIG ?= configs/synthetic.py
+RUNTIME := $(VENV)/.installed-runtime
+FULL := $(VENV)/.installed
 
-.PHONY: install train test lint reproduce
-install: $(VENV)/.installed
+.PHONY: install install-dev train test lint reproduce
+install: $(RUNTIME)
+install-dev: $(FULL)
 
-$(VENV)/.installed: pyproject.toml requirements.txt requirements-lmms-eval.txt
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(FULL): $(RUNTIME) pyproject.toml requirements.txt requirements-lmms-eval.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-lmms-eval.txt
 	touch $@
@@ -29,8 +42,9 @@ reproduce: install
 	$(PY) -m gazejax.evaluate --workdir runs/gaze_default $(SWEEP)
 	$(PY) -m gazejax.evaluate --workdir runs/dense_default $(SWEEP)
 
-test: install
+test: install-dev
 	$(PY) -m pytest
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

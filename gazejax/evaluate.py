@@ -104,11 +104,12 @@ from gazejax.data.synthetic import TASKS
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
 from gazejax.data.video import read_video
 from gazejax.data.vocab import IMAGE_TOKEN, UNK_TOKEN, VIDEO_TOKEN
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.gaze.regions import validate_region_size
 from gazejax.generate import Checkpoint, load_checkpoint, with_attention
 from gazejax.models.attention import apply_rope, rope_cos_sin
 from gazejax.models.decoder import Attention, dense_visibility
-from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from gazejax.models.mllm import MultimodalConfig, MultimodalModel
 from gazejax.train import answer_exact_match
 from kernels.gaze_attention import TokenKind
 
@@ -780,7 +781,7 @@ def run_method(
             key = (config.unit_grid, tuple(config.region_size), config.num_context_tokens)
             key = (*key, bucket, first)
             if key not in packed:
-                packed[key] = pack_batch([e.items for e in padded], config, *shape, pad_id)
+                packed[key] = pack_batch([e.items for e in padded], config.geometry, *shape, pad_id)
             inputs, targets = packed[key]
             exact, loglik = score(checkpoint.params, inputs, targets, top_k)
             exact, loglik = np.asarray(exact)[: len(batch)], np.asarray(loglik)[: len(batch)]

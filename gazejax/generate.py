@@ -48,10 +48,11 @@ from gazejax.data.template import DEFAULT_SYSTEM_PROMPT, chatml_pieces
 from gazejax.data.video import read_video
 from gazejax.data.vocab import IM_END_TOKEN, IMAGE_TOKEN, build_tokenizer
 from gazejax.decoding import sample_next_token
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.models.attention import apply_rope, rope_cos_sin
 from gazejax.models.decoder import KVCache, dense_visibility
 from gazejax.models.from_config import multimodal_config
-from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from gazejax.models.mllm import MultimodalConfig, MultimodalModel
 from kernels.gaze_attention import TokenKind, TokenMeta
 
 MAX_MAP_TOKENS = 8
@@ -214,7 +215,7 @@ def pack_prompt(config: MultimodalConfig, items: list, pad_multiple: int = 1) ->
     needed = text + units * per_unit + units * config.tokens_per_unit  # generous upper bound
     inputs, _ = pack_batch(
         [items],
-        config,
+        config.geometry,
         length=needed,
         max_units=max(units, 1),
         num_regions=max(units * config.tokens_per_unit, 1),
@@ -226,7 +227,11 @@ def pack_prompt(config: MultimodalConfig, items: list, pad_multiple: int = 1) ->
     regions = int(np.asarray(inputs.meta.region[0]).max()) + 1
     length = math.ceil(used / pad_multiple) * pad_multiple
     inputs, _ = pack_batch(
-        [items], config, length=length, max_units=max(units, 1), num_regions=max(regions, 1)
+        [items],
+        config.geometry,
+        length=length,
+        max_units=max(units, 1),
+        num_regions=max(regions, 1),
     )
     return Prompt(
         inputs=inputs,

@@ -41,10 +41,11 @@ from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
 from gazejax.data.synthetic import TASKS
 from gazejax.data.vocab import build_tokenizer
 from gazejax.gaze.budget import progressive_top_k
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.init_from import init_from_checkpoints
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config
-from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from gazejax.models.mllm import MultimodalConfig, MultimodalModel
 from gazejax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -163,14 +164,14 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
     else:  # jsonl
         tokenizer = tokenizers.Tokenizer.from_file(config.data.tokenizer)
         buckets, source = jsonl_buckets(
-            config.data.to_dict(), split, config.seed, tokenizer, model_config
+            config.data.to_dict(), split, config.seed, tokenizer, model_config.geometry
         )
         skipped = source.skipped
         task_names = [config.data.jsonl.get("task", "jsonl")]
     return Batches(
         buckets,
         batch_size,
-        model_config,
+        model_config.geometry,
         seed=config.seed,
         pad_id=tokenizer.token_to_id(config.data.pad_token),
         process_index=jax.process_index(),

@@ -41,7 +41,8 @@ def workdir(tmp_path_factory):
     model_config = multimodal_config(config.model)
     raw = json.loads(config.to_json_best_effort())
     examples, _ = ev.synthetic_benchmark(raw, build_tokenizer(), 1)
-    inputs, _ = pack_batch([examples[0].items], model_config, *ev._shape(model_config, examples))
+    shape = ev._shape(model_config, examples)
+    inputs, _ = pack_batch([examples[0].items], model_config.geometry, *shape)
     return save_random_workdir(root, config, inputs, scale=4.0)  # sharper attention
 
 
@@ -111,7 +112,7 @@ def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
     small = ev.make_runner(base, ev.Method("evict_question", 0.1))
     dense_cfg = runner[("dense",)].config
     shape = ev._shape(dense_cfg, video)
-    inputs, targets = pack_batch([e.items for e in video], dense_cfg, *shape)
+    inputs, targets = pack_batch([e.items for e in video], dense_cfg.geometry, *shape)
     real = np.asarray(inputs.meta.kind) != TokenKind.PADDING
 
     def logits(r, top_k=None):
@@ -267,7 +268,7 @@ def test_jsonl_benchmark(workdir, jsonl_file, tmp_path):
                 conversation, [image], checkpoint.tokenizer, "<image>", checkpoint.system_prompt
             )
             shape = ev._shape(config, [ev.Example(items, "", "", "")])
-            inputs, targets = pack_batch([items], config, *shape)
+            inputs, targets = pack_batch([items], config.geometry, *shape)
             logp = jax.nn.log_softmax(forward(checkpoint.params, inputs).astype(jnp.float32))
             targets = np.asarray(targets[0])
             supervised = np.flatnonzero(targets >= 0)

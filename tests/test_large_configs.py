@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, ".")
     from configs import cambrian_4b_image, cambrian_4b_video, cambrian_7b_video
     from gazejax.models.from_config import multimodal_config
-    from gazejax.models.mllm import MultimodalInputs, MultimodalModel
+    from gazejax.gaze.inputs import MultimodalInputs
+    from gazejax.models.mllm import MultimodalModel
     from gazejax.sharding import make_mesh
 
     assert jax.device_count() == 8
@@ -28,7 +29,7 @@ SCRIPT = textwrap.dedent(
     config = module.get_config(variant)
     model_config = multimodal_config(config.model)
     bucket = config.data.buckets.all
-    inputs = MultimodalInputs.abstract(model_config, 8, bucket.length, bucket.max_units,
+    inputs = MultimodalInputs.abstract(model_config.geometry, 8, bucket.length, bucket.max_units,
                                        bucket.num_regions)
     mesh = make_mesh((1, 8, 1, 1))
     rules = [tuple(r) for r in config.logical_axis_rules]

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from gazejax.data.packing import Text, Visual, pack_batch
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
 from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
-from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
+from gazejax.models.mllm import MultimodalConfig, MultimodalModel
 from gazejax.models.projector import ProjectorConfig
 from gazejax.models.vit import vit_config
 from kernels.gaze_attention import TokenKind
@@ -68,7 +69,7 @@ def _samples(seed: int):
 
 
 def _inputs(config, seed=0):
-    return pack_batch(_samples(seed), config, length=96, max_units=3, num_regions=12)[0]
+    return pack_batch(_samples(seed), config.geometry, length=96, max_units=3, num_regions=12)[0]
 
 
 def _params(config, inputs, seed=0):
@@ -161,7 +162,7 @@ def test_prefill_then_decode_equals_full_forward(attention, implementation, top_
         Visual(frames[1:]),
         Text(rng.integers(1, VOCAB, 6)),
     ]
-    inputs, _ = pack_batch([sample], config, length=50, max_units=2, num_regions=8)
+    inputs, _ = pack_batch([sample], config.geometry, length=50, max_units=2, num_regions=8)
     model, params = _params(config, inputs)
     full = np.asarray(model.apply({"params": params}, inputs))
     total = int(np.asarray(inputs.meta.valid).sum())

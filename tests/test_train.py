@@ -201,7 +201,7 @@ def test_gradient_accumulation_matches_one_batch():
         ]
         for n in (2, 5, 3, 7)  # micro-batches with different token counts
     ]
-    inputs, targets = pack_batch(samples, config, length=40, max_units=1, num_regions=4)
+    inputs, targets = pack_batch(samples, config.geometry, length=40, max_units=1, num_regions=4)
     model = MultimodalModel(config)
     params = nn.unbox(model.init(jax.random.key(0), inputs))["params"]
     tx = optax.sgd(1.0)  # the update is the gradient (Adam would amplify float noise)

@@ -17,8 +17,9 @@ from gazejax.checkpointing import Checkpointer
 from gazejax.configuration import base_config
 from gazejax.data.packing import Text
 from gazejax.data.vocab import vocabulary
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.models.from_config import multimodal_config
-from gazejax.models.mllm import MultimodalInputs, MultimodalModel
+from gazejax.models.mllm import MultimodalModel
 from gazejax.train import TrainState
 
 

@@ -20,7 +20,8 @@ from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
 from gazejax.data.sources import ConversationSource, host_dataset
 from gazejax.data.synthetic import TASKS, SyntheticConfig, SyntheticVQA, to_conversation
-from gazejax.models.mllm import MultimodalConfig, MultimodalInputs
+from gazejax.gaze.geometry import PackingGeometry
+from gazejax.gaze.inputs import MultimodalInputs
 
 Example = tuple[list[Text | Visual], Mapping[str, Any]]  # items, and info for evaluation
 
@@ -59,7 +60,7 @@ class Batches:
         self,
         buckets: Sequence[Bucket],
         global_batch_size: int,
-        model_config: MultimodalConfig,
+        geometry: PackingGeometry,
         seed: int = 0,
         pad_id: int = 0,
         process_index: int = 0,
@@ -80,7 +81,7 @@ class Batches:
         self.probabilities = weights / weights.sum()
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
-        self.model_config = model_config
+        self.geometry = geometry
         self.seed = seed
         self.pad_id = pad_id
         self.offset = process_index * self.local_batch_size
@@ -101,7 +102,7 @@ class Batches:
         examples = [bucket.example(i) for i in self.indices(step)]
         inputs, targets = pack_batch(
             [items for items, _ in examples],
-            self.model_config,
+            self.geometry,
             bucket.shape.length,
             bucket.shape.max_units,
             bucket.shape.num_regions,
@@ -164,7 +165,7 @@ def jsonl_buckets(
     split: str,
     seed: int,
     tokenizer: tokenizers.Tokenizer,
-    model_config: MultimodalConfig,
+    geometry: PackingGeometry,
 ) -> tuple[list[Bucket], ConversationSource]:
     """One bucket over a LLaVA / Cambrian JSON(L) file, shuffled by ``seed``, repeated forever.
 
@@ -181,14 +182,14 @@ def jsonl_buckets(
     source = ConversationSource(
         spec[split],
         spec["image_root"],
-        image_size=model_config.vit.image_size,
+        image_size=geometry.image_size,
         max_frames=spec["max_frames"],
         video_root=spec["video_root"] or None,
         skip_bad_samples=data["skip_bad_samples"],
         tokenizer=tokenizer,
         system_prompt=data["system_prompt"],
         max_length=shape.length,
-        tokens_per_unit=model_config.tokens_per_unit + model_config.num_context_tokens,
+        tokens_per_unit=geometry.slots_per_unit,
         max_units=shape.max_units,
     )
     dataset = host_dataset(source, seed=seed, num_epochs=None, process_index=0, process_count=1)

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gazejax.gaze.geometry import PackingGeometry
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
-from gazejax.models.mllm import MultimodalConfig, MultimodalInputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Visual:
 
 def pack_batch(
     samples: Sequence[Sequence[Text | Visual]],
-    config: MultimodalConfig,
+    geometry: PackingGeometry,
     length: int,
     max_units: int,
     num_regions: int,
@@ -39,8 +40,9 @@ def pack_batch(
 ) -> tuple[MultimodalInputs, jax.Array]:
     """Packs samples (each a list of text spans and visual items, in order) into one batch.
 
-    Every sample is laid out region-major (:func:`gazejax.gaze.regions.build_layout`), then
-    padded to ``length`` slots, ``max_units`` units and ``num_regions`` regions.
+    Every sample is laid out region-major by ``geometry`` (the model's unit grid, region size
+    and context tokens; :func:`gazejax.gaze.regions.build_layout`), then padded to ``length``
+    slots, ``max_units`` units and ``num_regions`` regions.
 
     Returns:
       The model inputs and the targets, int32 ``[batch, length]`` in storage order (-1: no loss).
@@ -48,8 +50,9 @@ def pack_batch(
     Raises:
       ValueError: a sample needs more slots, units or regions than given.
     """
-    h, w = config.unit_grid
-    per_unit = h * w
+    h, w = geometry.unit_grid
+    per_unit = geometry.tokens_per_unit
+    num_context = geometry.num_context_tokens
     image_shape = None
     rows = []
     for index, sample in enumerate(samples):
@@ -68,25 +71,25 @@ def pack_batch(
                 image_shape = frame.shape
                 unit = len(units)
                 units.append(frame)
-                n = per_unit + config.num_context_tokens
+                n = geometry.slots_per_unit
                 ids.append(np.full(n, pad_id, np.int32))
                 targets.append(np.full(n, -1))
                 visual_index.append(
                     np.concatenate(
                         [
                             unit * per_unit + np.arange(per_unit),
-                            np.full(config.num_context_tokens, -1),
+                            np.full(num_context, -1),
                         ]
                     )
                 )
                 context_index.append(
-                    np.concatenate([np.full(per_unit, -1), np.arange(config.num_context_tokens)])
+                    np.concatenate([np.full(per_unit, -1), np.arange(num_context)])
                 )
         if len(units) > max_units:
             raise ValueError(
                 f"sample {index} has {len(units)} visual units > max_units={max_units}"
             )
-        layout = build_layout(segments, config.region_size, config.num_context_tokens)
+        layout = build_layout(segments, geometry.region_size, num_context)
         if layout.length > length:
             raise ValueError(f"sample {index} needs {layout.length} slots > length={length}")
         columns = [
@@ -103,7 +106,7 @@ def pack_batch(
         ]
         rows.append((layout, columns, units))
     if image_shape is None:
-        image_shape = (config.vit.image_size, config.vit.image_size, 3)
+        image_shape = (geometry.image_size, geometry.image_size, 3)
     meta, regions = batch_layouts([r[0] for r in rows], length, num_regions)
     pixels = np.zeros((len(rows), max_units, *image_shape), np.float32)
     for b, (_, _, units) in enumerate(rows):

@@ -233,7 +233,7 @@ class GazeJaxLMM(lmms):
                 batch = group[first : first + self.batch_size]
                 shape = tuple(max(g[0][i] for g in batch) for i in range(3))
                 padded = batch + [batch[-1]] * (self.batch_size - len(batch))
-                inputs, targets = pack_batch([g[2] for g in padded], self.config, *shape)
+                inputs, targets = pack_batch([g[2] for g in padded], self.config.geometry, *shape)
                 loglik, greedy = self._score(self.checkpoint.params, inputs, k, targets)
                 for (_, index, _), value, is_greedy in zip(batch, loglik, greedy, strict=False):
                     results[index] = (self.sign * float(value), bool(is_greedy))

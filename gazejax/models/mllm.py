@@ -10,17 +10,17 @@ their own unit (DESIGN.md §2). The decoder's attention is ``config.decoder.atte
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gazejax.gaze.geometry import PackingGeometry
+from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
 from gazejax.models.projector import Projector, ProjectorConfig
 from gazejax.models.vit import VisionTransformer, ViTConfig
-from kernels.gaze_attention import RegionTable, TokenMeta
+from kernels.gaze_attention import TokenMeta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +51,7 @@ class MultimodalConfig:
                 f"projector.hidden_size ({self.projector.hidden_size}) must equal "
                 f"decoder.hidden_size ({self.decoder.hidden_size})"
             )
-        if self.num_context_tokens < 0:
-            raise ValueError(f"num_context_tokens must be >= 0, got {self.num_context_tokens}")
-        if len(self.region_size) not in (2, 3) or min(self.region_size) < 1:
-            raise ValueError(f"region_size must be 2 or 3 integers >= 1, got {self.region_size}")
-        h, w = self.unit_grid
-        if self.region_size[0] > h or self.region_size[1] > w:
-            raise ValueError(
-                f"region_size {self.region_size} does not fit the {h}x{w} token grid of a unit"
-            )
+        self.geometry  # noqa: B018 (building it validates num_context_tokens and region_size)
 
     @property
     def unit_grid(self) -> tuple[int, int]:
@@ -68,54 +60,16 @@ class MultimodalConfig:
 
     @property
     def tokens_per_unit(self) -> int:
-        h, w = self.unit_grid
-        return h * w
+        return self.geometry.tokens_per_unit
 
-
-@flax.struct.dataclass
-class MultimodalInputs:
-    """A packed batch with static shapes (see :func:`gazejax.data.packing.pack_batch`).
-
-    Attributes:
-      input_ids: int32 ``[batch, length]`` token ids in storage order (any id on visual,
-        context and padding slots).
-      units: float ``[batch, max_units, height, width, 3]`` pixels of every image / frame
-        (normalised as SigLIP expects); unused units are ignored.
-      visual_index: int32 ``[batch, length]``: for a visual slot, ``unit * tokens_per_unit +
-        raster index`` of its token within the sample's units; -1 elsewhere.
-      context_index: int32 ``[batch, length]``: which context token (0..|C|-1) a context slot
-        holds; -1 elsewhere.
-      meta: :class:`TokenMeta` ``[batch, length]``.
-      regions: :class:`RegionTable` ``[batch, num_regions]``.
-    """
-
-    input_ids: jax.Array
-    units: jax.Array
-    visual_index: jax.Array
-    context_index: jax.Array
-    meta: TokenMeta
-    regions: RegionTable
-
-    @classmethod
-    def abstract(
-        cls, config: MultimodalConfig, batch: int, length: int, max_units: int, num_regions: int
-    ) -> MultimodalInputs:
-        """Shapes and dtypes only (``jax.ShapeDtypeStruct``), e.g. for ``jax.eval_shape``."""
-        size = config.vit.image_size
-
-        def ints(*shape):
-            return jax.ShapeDtypeStruct(shape, jnp.int32)
-
-        return cls(
-            input_ids=ints(batch, length),
-            units=jax.ShapeDtypeStruct((batch, max_units, size, size, 3), jnp.float32),
-            visual_index=ints(batch, length),
-            context_index=ints(batch, length),
-            meta=TokenMeta(*(ints(batch, length) for _ in range(4))),
-            regions=RegionTable(
-                *(ints(batch, num_regions) for _ in range(3)),
-                capacity=math.prod(config.region_size),
-            ),
+    @property
+    def geometry(self) -> PackingGeometry:
+        """What packing needs to know of this model: unit grid, regions, context, image size."""
+        return PackingGeometry(
+            unit_grid=self.unit_grid,
+            region_size=tuple(self.region_size),
+            num_context_tokens=self.num_context_tokens,
+            image_size=self.vit.image_size,
         )
 
 
