@@ -20,7 +20,7 @@ from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
 from PIL import Image
 
-from gazejax import generate as gen
+from gazejax import inference
 from gazejax.data.packing import Text
 from gazejax.data.vocab import IM_END_TOKEN, build_tokenizer
 from gazejax.gaze.regions import TokenKind
@@ -101,8 +101,8 @@ def local(tmp_path_factory):
     workdir = root / "workdir"
     workdir.mkdir()
     model_config = multimodal_config(config.model)
-    visuals = gen.load_visuals([docs[0]["image"]], image_size=model_config.vit.image_size)
-    prompt = gen.build_prompt(model_config, build_tokenizer(), "hi", visuals)
+    visuals = inference.load_visuals([docs[0]["image"]], image_size=model_config.vit.image_size)
+    prompt = inference.build_prompt(model_config, build_tokenizer(), "hi", visuals)
     save_random_workdir(workdir, config, prompt.inputs, scale=4.0)  # sharper attention
     return root, workdir, docs
 
@@ -110,8 +110,8 @@ def local(tmp_path_factory):
 def _visuals(checkpoint, doc):
     size = checkpoint.config.vit.image_size
     if doc["video"]:
-        return gen.load_visuals(videos=[doc["video"]], image_size=size, max_frames=2)
-    return gen.load_visuals([doc["image"]], image_size=size)
+        return inference.load_visuals(videos=[doc["video"]], image_size=size, max_frames=2)
+    return inference.load_visuals([doc["image"]], image_size=size)
 
 
 @functools.cache
@@ -123,11 +123,12 @@ def _forward(config, top_k):
 def _reference_loglik(checkpoint, attention, top_k, doc, answer) -> tuple[float, bool]:
     """Sum of log p(answer token | everything before it) from one full forward, the slots of
     the answer found by position (an independent path from the plugin's targets)."""
-    config = gen.with_attention(checkpoint.config, attention)
+    config = inference.with_attention(checkpoint.config, attention)
     tokenizer = checkpoint.tokenizer
-    items = gen.prompt_items(tokenizer, doc["question"], _visuals(checkpoint, doc), "")
+    items = inference.prompt_items(tokenizer, doc["question"], _visuals(checkpoint, doc), "")
     ids = tokenizer.encode(answer, add_special_tokens=False).ids
-    full = gen.pack_prompt(config, [*items, Text(np.asarray(ids, np.int32))], pad_multiple=64)
+    items = [*items, Text(np.asarray(ids, np.int32))]
+    full = inference.pack_prompt(config, items, pad_multiple=64)
     logits = _forward(config, top_k)(checkpoint.params, full.inputs)[0]
     logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
     kind, position = (np.asarray(x[0]) for x in (full.inputs.meta.kind, full.inputs.meta.position))
@@ -208,7 +209,7 @@ def test_generate_until_equals_no_cache_greedy_decoding(local):
     checkpoint, eos = lm.checkpoint, lm.checkpoint.tokenizer.token_to_id(IM_END_TOKEN)
     expected = []
     for doc in docs:
-        prompt = gen.build_prompt(
+        prompt = inference.build_prompt(
             lm.config, checkpoint.tokenizer, doc["question"], _visuals(checkpoint, doc), ""
         )
         tokens, _ = greedy_reference(lm.model, checkpoint.params, prompt, MAX_NEW_TOKENS, 1)
