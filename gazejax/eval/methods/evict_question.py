@@ -22,7 +22,7 @@ from gazejax.eval.methods.base import Method, Runner
 from gazejax.gaze.regions import TokenKind
 from gazejax.inference.checkpoints import with_attention
 from gazejax.inference.probes import attention_probabilities, rotated_queries_keys
-from gazejax.models.decoder import Attention, dense_visibility
+from gazejax.models.decoder import Attention, AttentionInputs, dense_visibility
 from gazejax.models.mllm import MultimodalConfig, MultimodalInputs, MultimodalModel
 
 
@@ -79,15 +79,20 @@ def evict_logits(
     model: MultimodalModel, params, inputs: MultimodalInputs, targets: jax.Array, budget: float
 ) -> jax.Array:
     """Teacher-forced logits ``[batch, length, vocab]`` of ``evict_question@budget``: a forward
-    of the dense ``model`` whose every :class:`Attention` layer gets its eviction mask."""
+    of the dense ``model`` whose every :class:`Attention` layer gets its eviction mask (in its
+    :class:`AttentionInputs`, wherever the call passes them)."""
     masks, _ = evict_masks(model, params, inputs, targets, budget)
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, Attention):
-            x, attention_inputs, layer_cache = args
-            masked = attention_inputs.replace(mask=masks[_layer_index(context.module)])
-            return next_fun(x, masked, layer_cache, **kwargs)
-        return next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(context.module, Attention):
+            return next_fun(*args, **kwargs)
+        mask = masks[_layer_index(context.module)]
+
+        def masked(value):
+            return value.replace(mask=mask) if isinstance(value, AttentionInputs) else value
+
+        args = [masked(a) for a in args]
+        return next_fun(*args, **{k: masked(v) for k, v in kwargs.items()})
 
     with nn.intercept_methods(interceptor):
         return model.apply({"params": params}, inputs)
