@@ -23,6 +23,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dense_reference import dense_decode
 from timing import median_ms
 
 from gazejax.gaze import (
@@ -47,19 +48,9 @@ def frame_grid(n_visual: int) -> tuple[int, int, int]:
     raise ValueError(f"n_visual {n_visual} is not a whole number of 24×24 or 32×32 frames")
 
 
-def dense_einsum(query, key, value, cache=None):
-    """[b, 1, h, d] query over the whole [b, len, kv_heads, d] cache, as two einsums."""
-    batch, _, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,blkd->bkgl", q, key, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgl,blkd->bkgd", probs, value, preferred_element_type=jnp.float32)
-    return out.reshape(query.shape).astype(query.dtype)
-
-
 def dense_broadcast(query, key, value, cache=None):
-    """The same as :func:`dense_einsum` by broadcast-multiply-sum (faster on XLA:CPU)."""
+    """The same as :func:`dense_reference.dense_decode` by broadcast-multiply-sum (faster on
+    XLA:CPU)."""
     batch, _, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     q = query.reshape(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -99,7 +90,7 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
     cache = dict(kv_meta=kv_meta, regions=table, descriptors=descriptors, query_meta=query_meta)
     itemsize = jnp.dtype(dtype).itemsize
     dense_bytes = 2 * length * NUM_KV_HEADS * HEAD_DIM * itemsize
-    dense = [jax.jit(dense_einsum), jax.jit(dense_broadcast)]
+    dense = [jax.jit(dense_decode), jax.jit(dense_broadcast)]
 
     records = []
     for route in routings:

@@ -40,6 +40,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dense_reference import dense_decode
 from timing import median_ms
 
 from gazejax.gaze import TextSegment, VisualSegment, batch_layouts, build_layout
@@ -126,17 +127,6 @@ def normal(rng, shape, dtype):
 
 # ----------------------------------------------------------------------------------------------
 # Decode.
-
-
-def dense_decode(query, key, value, cache=None):
-    """[b, 1, h, d] query over the whole [b, len, kv_heads, d] cache: einsum, softmax, einsum."""
-    batch, _, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,blkd->bkgl", q, key, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgl,blkd->bkgd", probs, value, preferred_element_type=jnp.float32)
-    return out.reshape(query.shape).astype(query.dtype)
 
 
 def decode_bytes(query_meta, kv_meta, table, selection, route, num_kv_heads, head_dim, itemsize,

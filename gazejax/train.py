@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tokenizers
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -39,10 +38,11 @@ from gazejax.checkpointing import Checkpointer
 from gazejax.configuration import validate_config
 from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
 from gazejax.data.synthetic import TASKS
-from gazejax.data.vocab import build_tokenizer
+from gazejax.data.vocab import load_tokenizer
 from gazejax.gaze.budget import progressive_top_k
 from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.init_from import init_from_checkpoints
+from gazejax.losses import answer_exact_match, cross_entropy
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
@@ -57,29 +57,6 @@ class TrainState:
     step: jax.Array
     params: dict
     opt_state: optax.OptState
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict]:
-    """Mean next-token loss over slots with a target (``targets >= 0``), and token accuracy.
-
-    Args:
-      logits: float32 ``[batch, length, vocab]``; targets: int32 ``[batch, length]``.
-    Returns:
-      ``(loss, {"loss_sum", "correct", "tokens"})`` (sums, for exact averaging over micro-batches).
-    """
-    weights = (targets >= 0).astype(jnp.float32)
-    safe = jnp.maximum(targets, 0)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), safe[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32) * weights
-    sums = {"loss_sum": (nll * weights).sum(), "correct": correct.sum(), "tokens": weights.sum()}
-    return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
-
-
-def answer_exact_match(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """``[batch]`` bool: every supervised token is predicted (greedy decoding would produce the
-    whole answer), for samples that have a target."""
-    wrong = (jnp.argmax(logits, axis=-1) != targets) & (targets >= 0)
-    return ~wrong.any(axis=-1) & (targets >= 0).any(axis=-1)
 
 
 def top_k_at(step: int, config: ml_collections.ConfigDict, num_regions: int) -> int | None:
@@ -150,9 +127,10 @@ def make_eval_step(model: MultimodalModel):
 def build_data(config, model_config: MultimodalConfig, split: str, batch_size: int) -> Batches:
     """The ``split`` batches of the configured data set, this host's share."""
     skipped: collections.Counter[str] = collections.Counter()  # generated data is never bad
-    if config.data.name == "synthetic":
+    synthetic = config.data.name == "synthetic"
+    tokenizer = load_tokenizer(None if synthetic else config.data.tokenizer)
+    if synthetic:
         task_names = list(TASKS)
-        tokenizer = build_tokenizer()
         buckets = synthetic_buckets(
             config.data.synthetic.to_dict(),
             config.data.buckets.to_dict(),
@@ -162,7 +140,6 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
             config.data.system_prompt,
         )
     else:  # jsonl
-        tokenizer = tokenizers.Tokenizer.from_file(config.data.tokenizer)
         buckets, source = jsonl_buckets(
             config.data.to_dict(), split, config.seed, tokenizer, model_config.geometry
         )

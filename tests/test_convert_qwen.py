@@ -15,7 +15,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from gazejax.convert import ConversionError, load_hf, save_hf
-from gazejax.decoding import generate
+from gazejax.inference.decode import generate_token_ids
 from tests.hf_reference import save_qwen
 
 # (model_type, tied embeddings, num_kv_heads with 4 query heads -> GQA ratio 1, 2, 4)
@@ -74,7 +74,7 @@ def test_greedy_generation_matches_transformers(tmp_path, model_type):
             do_sample=False,
             pad_token_id=0,
         )[:, prompt.shape[1] :].numpy()
-    ours = np.asarray(generate(model, params, jnp.asarray(prompt), 32))
+    ours = np.asarray(generate_token_ids(model, params, jnp.asarray(prompt), 32))
     np.testing.assert_array_equal(ours, expected)
 
 

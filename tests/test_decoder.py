@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax.decoding import generate, sample_next_token
+from gazejax.inference.decode import generate_token_ids
+from gazejax.inference.sampling import sample_next_token
 from gazejax.models.attention import dense_attention
 from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
 from gazejax.sharding import DEFAULT_LOGICAL_AXIS_RULES, make_mesh
@@ -91,17 +92,20 @@ def test_left_padded_batch_generates_like_each_sample_alone():
     long = rng.integers(0, TINY.vocab_size, 7)
     batch = jnp.asarray(np.stack([np.concatenate([np.zeros(3, int), short]), long]), jnp.int32)
     mask = jnp.asarray(np.stack([np.arange(7) >= 3, np.ones(7, bool)]))
-    together = generate(model, params, batch, 6, prompt_mask=mask)
-    alone = [generate(model, params, jnp.asarray(p[None], jnp.int32), 6)[0] for p in (short, long)]
+    together = generate_token_ids(model, params, batch, 6, prompt_mask=mask)
+    alone = [
+        generate_token_ids(model, params, jnp.asarray(p[None], jnp.int32), 6)[0]
+        for p in (short, long)
+    ]
     np.testing.assert_array_equal(together, np.stack(alone))
 
 
 def test_eos_stops_and_pads():
     model, params = _init(TINY, seed=3)
     prompt = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, (1, 5)), jnp.int32)
-    free = np.asarray(generate(model, params, prompt, 8))[0]
+    free = np.asarray(generate_token_ids(model, params, prompt, 8))[0]
     eos = int(free[2])
-    stopped = np.asarray(generate(model, params, prompt, 8, eos_id=eos))[0]
+    stopped = np.asarray(generate_token_ids(model, params, prompt, 8, eos_id=eos))[0]
     first = int(np.argmax(free == eos))
     np.testing.assert_array_equal(stopped[: first + 1], free[: first + 1])
     assert (stopped[first:] == eos).all()

@@ -1,4 +1,5 @@
-"""python -m gazejax.evaluate: results schema, methods at full budget equal dense, eviction."""
+"""python -m gazejax.evaluate and gazejax.eval: results schema, methods at full budget equal
+dense, eviction."""
 
 from __future__ import annotations
 
@@ -9,13 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gazejax import evaluate as ev
+from gazejax import evaluate as evaluate_cli
 from gazejax.data.images import read_image
 from gazejax.data.packing import pack_batch
 from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
 from gazejax.data.vocab import build_tokenizer
-from gazejax.generate import load_checkpoint, with_attention
+from gazejax.eval.benchmarks import jsonl
+from gazejax.eval.benchmarks.synthetic import synthetic_benchmark
+from gazejax.eval.examples import Example, batch_shape
+from gazejax.eval.methods import make_method, parse_methods
+from gazejax.eval.methods.dense_reduced import pool_tokens, pool_window
+from gazejax.eval.methods.evict_question import evict_masks
+from gazejax.eval.methods.gaze import gaze_top_k
+from gazejax.eval.scoring import FAMILIES
+from gazejax.eval.sweep import sweep
+from gazejax.inference import load_checkpoint, with_attention
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from kernels.gaze_attention import TokenKind
@@ -40,31 +50,31 @@ def workdir(tmp_path_factory):
     config = tiny_gaze_config()
     model_config = multimodal_config(config.model)
     raw = json.loads(config.to_json_best_effort())
-    examples, _ = ev.synthetic_benchmark(raw, build_tokenizer(), 1)
-    shape = ev._shape(model_config, examples)
+    examples, _ = synthetic_benchmark(raw, build_tokenizer(), 1)
+    shape = batch_shape(model_config, examples)
     inputs, _ = pack_batch([examples[0].items], model_config.geometry, *shape)
     return save_random_workdir(root, config, inputs, scale=4.0)  # sharper attention
 
 
 def test_budget_conversions():
-    assert ev.gaze_top_k(0.22, 9) == 2 and ev.gaze_top_k(0.11, 36) == 4
-    assert ev.gaze_top_k(0.01, 9) == 1 and ev.gaze_top_k(1.0, 9) == 9
-    assert ev.pool_window((6, 6), 0.25) == (2, 2)
-    assert ev.pool_window((6, 6), 0.11) == (3, 3)
-    assert ev.pool_window((6, 6), 1.0) == (1, 1)
-    assert ev.pool_window((6, 6), 0.5) == (1, 2)
+    assert gaze_top_k(0.22, 9) == 2 and gaze_top_k(0.11, 36) == 4
+    assert gaze_top_k(0.01, 9) == 1 and gaze_top_k(1.0, 9) == 9
+    assert pool_window((6, 6), 0.25) == (2, 2)
+    assert pool_window((6, 6), 0.11) == (3, 3)
+    assert pool_window((6, 6), 1.0) == (1, 1)
+    assert pool_window((6, 6), 0.5) == (1, 2)
     tokens = jnp.arange(9, dtype=jnp.float32).reshape(1, 9, 1)  # a 3x3 grid
-    pooled = ev.pool_tokens(tokens, (3, 3), (2, 2))[0, :, 0]
+    pooled = pool_tokens(tokens, (3, 3), (2, 2))[0, :, 0]
     np.testing.assert_allclose(pooled, [(0 + 1 + 3 + 4) / 4, (2 + 5) / 2, (6 + 7) / 2, 8])
     with pytest.raises(ValueError, match="unknown method"):
-        ev.parse_methods(["nope"], [0.5])
+        parse_methods(["nope"], [0.5])
 
 
 def test_cli_writes_results(workdir, tmp_path):
     out = tmp_path / "eval"
     argv = ["--workdir", str(workdir), "--methods", "dense,gaze,evict_question"]
     argv += ["--budgets", "0.25,1", "--examples", "9", "--out", str(out), "--no-progress"]
-    assert ev.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().count("| gaze@") == 2
     assert (out / "score_vs_kv.png").stat().st_size > 0
@@ -79,7 +89,7 @@ def test_cli_writes_results(workdir, tmp_path):
     for r in records.values():
         assert all(key in r for key in SCHEMA), r
         assert r["benchmark"] == "synthetic" and r["num_examples"] == 9
-        assert set(r["by_family"]) == set(ev.FAMILIES)
+        assert set(r["by_family"]) == set(FAMILIES)
         assert len(r["by_task"]) == 9 and r["seconds"] > 0
     dense = records["dense"]
     assert dense["visual_kv_fraction"] == 1.0 and dense["context_kv"] > 0
@@ -95,23 +105,23 @@ def test_cli_writes_results(workdir, tmp_path):
     # Deterministic: the same examples and scores again.
     checkpoint = load_checkpoint(workdir)
     raw = json.loads((workdir / "config.json").read_text())
-    again = ev.sweep(checkpoint, raw, [ev.Method("dense")], 9, progress=False)["records"][0]
+    again = sweep(checkpoint, raw, [make_method("dense")], 9, progress=False)["records"][0]
     assert again["by_task"] == dense["by_task"] and again["kv_size"] == dense["kv_size"]
 
 
 def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
     checkpoint = load_checkpoint(workdir)
     raw = json.loads((workdir / "config.json").read_text())
-    examples, _ = ev.synthetic_benchmark(raw, checkpoint.tokenizer, 9)
+    examples, _ = synthetic_benchmark(raw, checkpoint.tokenizer, 9)
     video = [e for e in examples if e.bucket == "video"]
     base, params = checkpoint.config, checkpoint.params
     runner = {
-        label: ev.make_runner(base, ev.Method(*label))
+        label: make_method(*label).runner(base)
         for label in (("dense",), ("gaze", 1.0), ("evict_question", 1.0), ("dense_reduced", 1.0))
     }
-    small = ev.make_runner(base, ev.Method("evict_question", 0.1))
+    small = make_method("evict_question", 0.1).runner(base)
     dense_cfg = runner[("dense",)].config
-    shape = ev._shape(dense_cfg, video)
+    shape = batch_shape(dense_cfg, video)
     inputs, targets = pack_batch([e.items for e in video], dense_cfg.geometry, *shape)
     real = np.asarray(inputs.meta.kind) != TokenKind.PADDING
 
@@ -125,7 +135,8 @@ def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
     np.testing.assert_array_equal(gaze[decode].argmax(-1), dense[decode].argmax(-1))
     np.testing.assert_allclose(logits(runner[("evict_question", 1.0)]), dense, rtol=1e-4, atol=1e-4)
     reduced = runner[("dense_reduced", 1.0)]
-    assert reduced.pool == (1, 1) and reduced.config.unit_grid == base.unit_grid
+    assert reduced.details == {"pool": [1, 1], "pooled_grid": list(base.unit_grid)}
+    assert reduced.config.unit_grid == base.unit_grid
     np.testing.assert_allclose(logits(reduced)[real], dense[real], rtol=1e-4, atol=1e-4)
 
     evicted = logits(small)
@@ -138,7 +149,7 @@ def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
 
     # Every layer keeps round(0.1 * 32) = 3 visual entries per sample, chosen per layer.
     model = MultimodalModel(dense_cfg)
-    _, kept = jax.jit(lambda p, i, t: ev.evict_masks(model, p, i, t, 0.1))(params, inputs, targets)
+    _, kept = jax.jit(lambda p, i, t: evict_masks(model, p, i, t, 0.1))(params, inputs, targets)
     np.testing.assert_array_equal(np.asarray(kept).sum(-1), 3)
 
 
@@ -198,8 +209,8 @@ def jsonl_file(tmp_path_factory):
 
 
 def test_jsonl_spec_and_bad_lines(tmp_path):
-    assert ev.JsonlSpec.parse("jsonl:x/mme.jsonl") == ev.JsonlSpec("x/mme.jsonl", "mme")
-    assert ev.JsonlSpec.parse("jsonl:x/mme.jsonl:MME") == ev.JsonlSpec("x/mme.jsonl", "MME")
+    assert jsonl.JsonlSpec.parse("jsonl:x/mme.jsonl") == jsonl.JsonlSpec("x/mme.jsonl", "mme")
+    assert jsonl.JsonlSpec.parse("jsonl:x/mme.jsonl:MME") == jsonl.JsonlSpec("x/mme.jsonl", "MME")
     good = {"question": "what color?", "options": ["red", "blue"], "answer": "B"}
     bad = [
         ("{not json", "malformed JSON"),
@@ -215,8 +226,8 @@ def test_jsonl_spec_and_bad_lines(tmp_path):
         text = value if isinstance(value, str) else json.dumps(value)
         path.write_text(json.dumps(good) + "\n\n" + text + "\n")
         with pytest.raises(DataError, match=f"bad.jsonl:3: .*{message}"):
-            ev.read_jsonl_questions(path)
-    questions = ev.read_jsonl_questions(path, limit=1)
+            jsonl.read_jsonl_questions(path)
+    questions = jsonl.read_jsonl_questions(path, limit=1)
     assert len(questions) == 1 and questions[0].answer == 1 and questions[0].id == "bad.jsonl:1"
 
 
@@ -225,7 +236,7 @@ def test_jsonl_benchmark(workdir, jsonl_file, tmp_path):
     argv = ["--workdir", str(workdir), "--methods", "dense,gaze,evict_question"]
     argv += ["--budgets", "1", "--benchmarks", f"jsonl:{jsonl_file}:mini"]
     argv += ["--out", str(out), "--no-progress"]
-    assert ev.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     info = results["benchmarks"]["mini"]
     assert (info["questions"], info["multiple_choice"], info["open_ended"]) == (5, 3, 2)
@@ -267,7 +278,7 @@ def test_jsonl_benchmark(workdir, jsonl_file, tmp_path):
             items = example_items(
                 conversation, [image], checkpoint.tokenizer, "<image>", checkpoint.system_prompt
             )
-            shape = ev._shape(config, [ev.Example(items, "", "", "")])
+            shape = batch_shape(config, [Example(items, "", "", "")])
             inputs, targets = pack_batch([items], config.geometry, *shape)
             logp = jax.nn.log_softmax(forward(checkpoint.params, inputs).astype(jnp.float32))
             targets = np.asarray(targets[0])
@@ -304,10 +315,10 @@ def test_jsonl_benchmark(workdir, jsonl_file, tmp_path):
     bad.write_text(jsonl_file.read_text().replace('"c.png"', '"missing.png"'))
     raw = json.loads((workdir / "config.json").read_text())
     with pytest.raises(DataError, match=r"bad.jsonl:3: id 'bad.jsonl:3': .*missing.png"):
-        ev.sweep(
+        sweep(
             checkpoint,
             raw,
-            [ev.Method("dense")],
+            [make_method("dense")],
             1,
             [f"jsonl:{bad}"],
             progress=False,

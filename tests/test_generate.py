@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gazejax import generate as gen
+from gazejax import generate as generate_cli
+from gazejax import inference
 from gazejax.configuration import base_config
 from gazejax.data.packing import Text
 from gazejax.data.template import tokenize_conversation
 from gazejax.data.vocab import build_tokenizer, vocabulary
+from gazejax.inference import maps, probes
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from tests.workdirs import greedy_reference, save_random_workdir
@@ -52,8 +54,8 @@ def workdir(tmp_path_factory):
     config = _train_config()
     model_config = multimodal_config(config.model)
     image = _png(root / "init.png", 0)
-    visuals = gen.load_visuals([image], image_size=model_config.vit.image_size)
-    prompt = gen.build_prompt(model_config, build_tokenizer(), QUESTION, visuals)
+    visuals = inference.load_visuals([image], image_size=model_config.vit.image_size)
+    prompt = inference.build_prompt(model_config, build_tokenizer(), QUESTION, visuals)
     return save_random_workdir(root, config, prompt.inputs)
 
 
@@ -62,18 +64,20 @@ def test_cli_greedy_equals_no_cache_reference(workdir, tmp_path, capsys, attenti
     image = _png(tmp_path / "a.png", 1)
     argv = ["--checkpoint", str(workdir), "--image", image, "--prompt", QUESTION]
     argv += ["--max-new-tokens", "5", "--attention", attention]
-    assert gen.main(argv) == 0
+    assert generate_cli.main(argv) == 0
     printed = capsys.readouterr().out.strip()
 
-    checkpoint = gen.load_checkpoint(workdir)
+    checkpoint = inference.load_checkpoint(workdir)
     assert checkpoint.step == 3
-    config = gen.with_attention(checkpoint.config, attention)
-    visuals = gen.load_visuals([image], image_size=config.vit.image_size)
-    prompt = gen.build_prompt(
+    config = inference.with_attention(checkpoint.config, attention)
+    visuals = inference.load_visuals([image], image_size=config.vit.image_size)
+    prompt = inference.build_prompt(
         config, checkpoint.tokenizer, QUESTION, visuals, checkpoint.system_prompt
     )
     model = MultimodalModel(config)
-    result = gen.generate(model, checkpoint.params, prompt, 5, tokenizer=checkpoint.tokenizer)
+    result = inference.generate_answer(
+        model, checkpoint.params, prompt, 5, tokenizer=checkpoint.tokenizer
+    )
     assert printed == result.text.strip()
     expected, selections = greedy_reference(
         model, checkpoint.params, prompt, len(result.token_ids), TOP_K
@@ -96,40 +100,40 @@ def test_video_folder_routing_and_attention_maps(workdir, tmp_path, capsys):
     argv = ["--checkpoint", str(workdir), "--video", str(frames), "--prompt", QUESTION]
     argv += ["--max-new-tokens", "3", "--attention", "gaze"]
     argv += ["--routing-map", str(routing), "--attention-map", str(attention)]
-    assert gen.main(argv) == 0, capsys.readouterr().err
+    assert generate_cli.main(argv) == 0, capsys.readouterr().err
 
-    checkpoint = gen.load_checkpoint(workdir)
-    visuals = gen.load_visuals(
+    checkpoint = inference.load_checkpoint(workdir)
+    visuals = inference.load_visuals(
         videos=[str(frames)], image_size=16, max_frames=checkpoint.max_frames
     )
     assert visuals[0].shape == (3, 16, 16, 3)
-    prompt = gen.build_prompt(
+    prompt = inference.build_prompt(
         checkpoint.config, checkpoint.tokenizer, QUESTION, visuals, checkpoint.system_prompt
     )
-    result = gen.generate(
+    result = inference.generate_answer(
         MultimodalModel(checkpoint.config), checkpoint.params, prompt, 3,
         tokenizer=checkpoint.tokenizer,
     )  # fmt: skip
     assert result.selections.shape[1:] == (NUM_LAYERS, NUM_HEADS, TOP_K)
     assert prompt.inputs.regions.num_regions == 12  # 3 frames x 4 regions
     with Image.open(routing) as png:
-        assert png.size == gen.map_size(len(result.token_ids), 3)
+        assert png.size == maps.map_size(len(result.token_ids), 3)
     with Image.open(attention) as png:
-        assert png.size == gen.map_size(2, 3)
-    fractions = gen.region_fractions(result.selections[0], 12)
+        assert png.size == maps.map_size(2, 3)
+    fractions = probes.region_fractions(result.selections[0], 12)
     assert fractions.shape == (12,) and 0 < fractions.max() <= 1
     # every (layer, head) pair selects TOP_K distinct regions
     np.testing.assert_allclose(fractions.sum(), TOP_K)
-    cells = gen.region_cells(prompt, checkpoint.config)
+    cells = probes.region_cells(prompt, checkpoint.config)
     assert sorted(cells) == list(range(12))
     assert cells[5] == [(1, 0, 2, 2, 4)]  # frame 1, top-right 2x2 block
 
 
 def test_prompt_is_the_training_template(workdir):
-    checkpoint = gen.load_checkpoint(workdir)
+    checkpoint = inference.load_checkpoint(workdir)
     tokenizer = checkpoint.tokenizer
     visuals = [np.zeros((1, 16, 16, 3), np.float32)]
-    prompt = gen.build_prompt(
+    prompt = inference.build_prompt(
         checkpoint.config, tokenizer, QUESTION, visuals, checkpoint.system_prompt
     )
     conversation = [
@@ -149,12 +153,12 @@ def test_bad_image_names_the_file(workdir, tmp_path, capsys, problem):
     if problem == "corrupt":
         path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     argv = ["--checkpoint", str(workdir), "--image", str(path), "--prompt", QUESTION]
-    assert gen.main(argv) == 1
+    assert generate_cli.main(argv) == 1
     err = capsys.readouterr().err
     assert str(path) in err and "cannot read image" in err
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     argv = ["--checkpoint", str(tmp_path), "--image", "x.png", "--prompt", QUESTION]
-    assert gen.main(argv) == 1
+    assert generate_cli.main(argv) == 1
     assert "config.json" in capsys.readouterr().err

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import numpy as np
 import pytest
 
-import gazejax.data
 from gazejax.data.packing import Text, Visual, interleave, pack_batch
 from kernels.gaze_attention import TokenKind
 from tests.test_mllm import _config
@@ -74,38 +70,3 @@ def test_pack_batch_names_what_does_not_fit():
         pack_batch([sample], config.geometry, length=128, max_units=2, num_regions=16)
     with pytest.raises(ValueError, match="length=20"):
         pack_batch([sample], config.geometry, length=20, max_units=3, num_regions=16)
-
-
-def _imported_modules(path: pathlib.Path, package: str) -> set[str]:
-    """Every module the file at ``path`` (in ``package``) names in an import statement."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            parts = package.split(".")
-            base = ".".join(parts[: len(parts) - node.level + 1] if node.level else [])
-            module = ".".join(p for p in (base, node.module) if p)
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
-
-
-def test_data_imports_packing_geometry_not_the_model():
-    """DESIGN.md §5: data -> gaze; packing takes the geometry, never a model type."""
-    root = pathlib.Path(gazejax.data.__file__).parent
-    imports = {
-        path.relative_to(root).as_posix(): _imported_modules(
-            path, ".".join(("gazejax.data", *path.relative_to(root).parent.parts))
-        )
-        for path in sorted(root.rglob("*.py"))
-    }
-    assert {"__init__.py", "packing.py", "batches.py", "sources.py"} <= set(imports)
-    assert "gazejax.gaze.geometry.PackingGeometry" in imports["packing.py"]  # the walk sees imports
-    models = {
-        f"{name}: {module}"
-        for name, modules in imports.items()
-        for module in modules
-        if module == "gazejax.models" or module.startswith("gazejax.models.")
-    }
-    assert not models

@@ -12,12 +12,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from gazejax import generate as gen
 from gazejax.checkpointing import Checkpointer
 from gazejax.configuration import base_config
 from gazejax.data.packing import Text
 from gazejax.data.vocab import vocabulary
 from gazejax.gaze.inputs import MultimodalInputs
+from gazejax.inference.probes import selections_at
+from gazejax.inference.prompts import Prompt, pack_prompt
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from gazejax.train import TrainState
@@ -75,7 +76,7 @@ def save_random_workdir(
 
 
 def greedy_reference(
-    model: MultimodalModel, params, prompt: gen.Prompt, count: int, top_k: int | None
+    model: MultimodalModel, params, prompt: Prompt, count: int, top_k: int | None
 ) -> tuple[list[int], list[np.ndarray | None]]:
     """Greedy tokens by re-running the whole sequence (no cache) for every new token, and the
     selection of the query that predicted each (None for dense attention)."""
@@ -87,9 +88,9 @@ def greedy_reference(
     tokens, selections = [], []
     for _ in range(count):
         items = prompt.items + ([Text(np.asarray(tokens, np.int32))] if tokens else [])
-        full = gen.pack_prompt(model.config, items, pad_multiple=64)  # one shape: one compilation
+        full = pack_prompt(model.config, items, pad_multiple=64)  # one shape: one compilation
         logits, state = forward(full.inputs)
         tokens.append(int(jnp.argmax(logits[0, full.last_slot])))
-        selection = gen._selections(state, full.last_slot)
+        selection = selections_at(state, full.last_slot)
         selections.append(None if selection is None else np.asarray(selection))
     return tokens, selections

@@ -85,3 +85,9 @@ def save(directory: str | pathlib.Path) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(path))
     return path
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """The tokenizer of a data config: ``path``'s ``tokenizer.json`` (Hugging Face format), or
+    the built-in one (:func:`build_tokenizer`, the synthetic set's) when ``path`` is None."""
+    return build_tokenizer() if path is None else Tokenizer.from_file(path)

@@ -26,9 +26,9 @@ lmms-eval's own models do.
 The continuation is the assistant's answer: its leading whitespace (lmms-eval's
 ``target_delimiter``) is dropped, as training answers start right after ``assistant\n``; the
 closing ``<|im_end|>`` is not scored. ``generate_until`` decodes with the KV cache and
-gaze decode (:func:`gazejax.generate.generate`) until ``<|im_end|>`` or ``max_new_tokens``, then
-cuts the text at the first ``until`` string. Visuals from a task's ``doc_to_visual``: PIL
-images, image paths, video files or folders of frames.
+gaze decode (:func:`gazejax.inference.generate_answer`) until ``<|im_end|>`` or
+``max_new_tokens``, then cuts the text at the first ``until`` string. Visuals from a task's
+``doc_to_visual``: PIL images, image paths, video files or folders of frames.
 """
 
 from __future__ import annotations
@@ -47,16 +47,16 @@ from tqdm import tqdm
 from gazejax.data.images import preprocess, read_image
 from gazejax.data.packing import Text, Visual, pack_batch
 from gazejax.data.video import FRAME_SUFFIXES, read_video
-from gazejax.evaluate import answer_loglik, gaze_top_k
-from gazejax.generate import (
-    generate,
+from gazejax.eval.methods.gaze import gaze_top_k
+from gazejax.inference import (
+    generate_answer,
     load_checkpoint,
     pack_prompt,
     prompt_items,
     with_attention,
 )
+from gazejax.losses import answer_exact_match, answer_loglik
 from gazejax.models.mllm import MultimodalModel
-from gazejax.train import answer_exact_match
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class GazeJaxLMM(lmms):
             _, items = self._prompt(context, doc_to_visual, doc_id, task, split)
             prompt = pack_prompt(self.config, items, PAD_MULTIPLE)
             regions = int((np.asarray(prompt.inputs.regions.length) > 0).sum())
-            result = generate(
+            result = generate_answer(
                 self.model,
                 self.checkpoint.params,
                 prompt,

@@ -1,0 +1,177 @@
+"""The sweep: every method (at every budget) on every benchmark, one jitted forward per batch;
+the content of ``results.json``."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from gazejax.data.packing import pack_batch
+from gazejax.eval.benchmarks import LoadOptions, load_benchmark
+from gazejax.eval.benchmarks.jsonl import JSONL_SCORING
+from gazejax.eval.examples import Example, batch_shape
+from gazejax.eval.methods import Method, Runner
+from gazejax.eval.scoring import SCORING, jitted_scores
+from gazejax.inference.checkpoints import Checkpoint
+from kernels.gaze_attention import TokenKind
+
+
+class Progress:
+    """A tqdm bar on stderr over ``total`` examples, or nothing when not ``enabled``."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, file=sys.stderr, unit="ex", dynamic_ncols=True)
+
+    def update(self, n: int, label: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description(label, refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_method(
+    checkpoint: Checkpoint,
+    runner: Runner,
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    progress: Progress | None = None,
+    packed: dict | None = None,
+) -> dict:
+    """Scores ``examples`` with ``runner``: per-example lists (``exact``, ``loglik``, ``group``,
+    ``option``, ``task``, ``family``, ``visual_kv``, ``context_kv``, ``dense_kv``), the
+    ``seconds`` taken and the gaze K per bucket (``top_k``). ``packed`` caches packed batches
+    across methods of one packing config."""
+    method, config = runner.method, runner.config
+    score = jitted_scores(runner)
+    h, w = config.unit_grid
+    dense_h, dense_w = method.dense_grid(config)
+    region_size = math.prod(config.region_size)
+    packed = {} if packed is None else packed
+    keys = ("exact", "loglik", "group", "option", "task", "family")
+    results = {k: [] for k in (*keys, "visual_kv", "context_kv", "dense_kv")}
+    top_ks = {}
+    start = time.monotonic()
+    for bucket in sorted({e.bucket for e in examples}):
+        chosen = [e for e in examples if e.bucket == bucket]
+        shape = batch_shape(config, chosen)
+        top_k = method.top_k(shape[2])
+        if top_k is not None:
+            top_ks[bucket] = top_k
+        for first in range(0, len(chosen), batch_size):
+            batch = chosen[first : first + batch_size]
+            padded = batch + [batch[-1]] * (batch_size - len(batch))
+            key = (config.geometry, bucket, first)
+            if key not in packed:
+                packed[key] = pack_batch([e.items for e in padded], config.geometry, *shape, pad_id)
+            inputs, targets = packed[key]
+            exact, loglik = score(checkpoint.params, inputs, targets, top_k)
+            exact, loglik = np.asarray(exact)[: len(batch)], np.asarray(loglik)[: len(batch)]
+            kind = np.asarray(inputs.meta.kind)[: len(batch)]
+            num_visual = (kind == TokenKind.VISUAL).sum(-1)
+            num_context = (kind == TokenKind.CONTEXT).sum(-1)
+            dense_kv = num_visual // (h * w) * dense_h * dense_w
+            visual_kv = method.visual_kv(num_visual, top_k, region_size)
+            results["exact"] += exact.astype(bool).tolist()
+            results["loglik"] += loglik.astype(float).tolist()
+            results["group"] += [e.group for e in batch]
+            results["option"] += [e.option for e in batch]
+            results["task"] += [e.task for e in batch]
+            results["family"] += [e.family for e in batch]
+            results["visual_kv"] += visual_kv.astype(float).tolist()
+            results["context_kv"] += num_context.astype(float).tolist()
+            results["dense_kv"] += dense_kv.astype(float).tolist()
+            if progress is not None:
+                progress.update(len(batch), method.label)
+    results["seconds"] = time.monotonic() - start
+    results["top_k"] = top_ks
+    return results
+
+
+def sweep(
+    checkpoint: Checkpoint,
+    raw_config: dict,
+    methods: Sequence[Method],
+    examples: int,
+    benchmarks: Sequence[str] = ("synthetic",),
+    batch_size: int | None = None,
+    progress: bool = True,
+    image_root: str | None = None,
+    video_root: str | None = None,
+    max_frames: int | None = None,
+    fps: float = 1.0,
+    jsonl_limit: int | None = None,
+) -> dict:
+    """Runs every method on every benchmark; the ``results.json`` content.
+
+    ``benchmarks``: ``--benchmarks`` specs (:mod:`gazejax.eval.benchmarks`): ``"synthetic"``
+    (``examples`` of the synthetic eval split) and ``"jsonl:PATH[:NAME]"`` (every line, or the
+    first ``jsonl_limit``; see :func:`~gazejax.eval.benchmarks.jsonl.jsonl_benchmark` for
+    ``image_root``, ``video_root``, ``max_frames`` and ``fps``).
+    """
+    base = checkpoint.config
+    notes = []
+    for method in {type(m): m for m in methods}.values():  # once per method, not per budget
+        notes.append(method.skip_reason(base) or method.note(base))
+    notes = [n for n in notes if n]
+    methods = [m for m in methods if not m.skip_reason(base)]
+    batch_size = batch_size or int(raw_config.get("batch_size", 8))
+    pad_token = raw_config.get("data", {}).get("pad_token", "<|endoftext|>")
+    pad_id = checkpoint.tokenizer.token_to_id(pad_token) or 0
+    options = LoadOptions(
+        checkpoint, raw_config, examples, image_root, video_root, max_frames, fps, jsonl_limit
+    )
+    loaded = []
+    for spec in benchmarks:  # load (and validate) every benchmark before the long part
+        benchmark = load_benchmark(spec, options)
+        if any(b.name == benchmark.name for b in loaded):
+            raise ValueError(f"two benchmarks named {benchmark.name!r}: name one jsonl:PATH:NAME")
+        loaded.append(benchmark)
+    records = []
+    for benchmark in loaded:
+        bar = Progress(len(benchmark.examples) * len(methods), progress)
+        packed: dict = {}
+        try:
+            for method in methods:
+                runner = method.runner(base)
+                results = run_method(
+                    checkpoint, runner, benchmark.examples, batch_size, pad_id, bar, packed
+                )
+                records += benchmark.records(runner, results)
+        finally:
+            bar.close()
+    return {
+        "checkpoint": checkpoint_summary(checkpoint),
+        "budget": "fraction of a sample's visual KV entries one answer query reads",
+        "scoring": SCORING,
+        "jsonl_scoring": JSONL_SCORING,
+        "benchmarks": {b.name: b.info for b in loaded},
+        "notes": notes,
+        "records": records,
+    }
+
+
+def checkpoint_summary(checkpoint: Checkpoint) -> dict:
+    """``results.json``'s ``checkpoint``: the step and the settings the methods depend on."""
+    base = checkpoint.config
+    trained = base.decoder.attention
+    return {
+        "step": checkpoint.step,
+        "attention": trained,
+        "top_k": base.decoder.gaze_top_k if trained == "gaze" else None,
+        "num_context_tokens": base.num_context_tokens,
+        "region_size": list(base.region_size),
+        "unit_grid": list(base.unit_grid),
+        "projector_compress": bool(base.projector.compress),
+    }
