@@ -62,8 +62,16 @@ def dense_broadcast(query, key, value, cache=None):
 
 def gaze_step(query, key, value, cache, **options):
     """One decode step of gaze attention; ``cache`` holds metadata, regions and descriptors."""
-    return gaze_attention(query, key, value, cache["query_meta"], cache["kv_meta"],
-                          cache["regions"], descriptors=cache["descriptors"], **options)
+    return gaze_attention(
+        query,
+        key,
+        value,
+        cache["query_meta"],
+        cache["kv_meta"],
+        cache["regions"],
+        descriptors=cache["descriptors"],
+        **options,
+    )
 
 
 def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict]:
@@ -71,7 +79,8 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
     frames, height, width = frame_grid(n_visual)
     layout = build_layout(
         [TextSegment(TEXT_TOKENS), VisualSegment(height, width, frames), TextSegment(TEXT_TOKENS)],
-        REGION, NUM_CONTEXT,
+        REGION,
+        NUM_CONTEXT,
     )
     kv_meta, table = batch_layouts([layout])
     length, regions, m = layout.length, layout.num_regions, layout.region_capacity
@@ -85,8 +94,9 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
     key, value = (normal(1, length, NUM_KV_HEADS, HEAD_DIM) for _ in range(2))
     query = normal(1, 1, NUM_HEADS, HEAD_DIM)
     descriptors = region_descriptors(key, kv_meta, regions)
-    query_meta = TokenMeta(*(jnp.asarray([[x]], jnp.int32) for x in (TokenKind.TEXT, -1, -1,
-                                                                        length)))
+    query_meta = TokenMeta(
+        *(jnp.asarray([[x]], jnp.int32) for x in (TokenKind.TEXT, -1, -1, length))
+    )
     cache = dict(kv_meta=kv_meta, regions=table, descriptors=descriptors, query_meta=query_meta)
     itemsize = jnp.dtype(dtype).itemsize
     dense_bytes = 2 * length * NUM_KV_HEADS * HEAD_DIM * itemsize
@@ -95,25 +105,46 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
     records = []
     for route in routings:
         selections = NUM_HEADS if route == "per_head" else NUM_KV_HEADS
-        gaze_bytes = (2 * selections * top_k * m * HEAD_DIM * itemsize
-                      + 2 * unrouted * NUM_KV_HEADS * HEAD_DIM * itemsize
-                      + descriptors.size * descriptors.dtype.itemsize
-                      + 4 * (length + 3 * regions))
-        gaze = [jax.jit(functools.partial(
-            gaze_step, top_k=top_k, routing=route, implementation=impl,
-            max_unrouted_tokens=unrouted if impl == "xla" else None)) for impl in impls]
+        gaze_bytes = (
+            2 * selections * top_k * m * HEAD_DIM * itemsize
+            + 2 * unrouted * NUM_KV_HEADS * HEAD_DIM * itemsize
+            + descriptors.size * descriptors.dtype.itemsize
+            + 4 * (length + 3 * regions)
+        )
+        gaze = [
+            jax.jit(
+                functools.partial(
+                    gaze_step,
+                    top_k=top_k,
+                    routing=route,
+                    implementation=impl,
+                    max_unrouted_tokens=unrouted if impl == "xla" else None,
+                )
+            )
+            for impl in impls
+        ]
         times = median_ms([*dense, *gaze], (query, key, value, cache), reps)
         dense_ms = min(times[:2])
         for impl, ms in zip(impls, times[2:], strict=True):
-            records.append(dict(
-                impl=impl, dtype=dtype, routing=route, n_visual=n_visual, top_k=top_k,
-                region_size=m, kv_size=gaze_kv_size(top_k, m, NUM_CONTEXT,
-                                                            layout.num_units),
-                median_ms=ms, dense_median_ms=dense_ms, speedup=dense_ms / ms,
-                dense_einsum_ms=times[0], dense_broadcast_ms=times[1],
-                dense_bytes=dense_bytes, gaze_bytes=gaze_bytes,
-                byte_bound=dense_bytes / gaze_bytes,
-            ))
+            records.append(
+                dict(
+                    impl=impl,
+                    dtype=dtype,
+                    routing=route,
+                    n_visual=n_visual,
+                    top_k=top_k,
+                    region_size=m,
+                    kv_size=gaze_kv_size(top_k, m, NUM_CONTEXT, layout.num_units),
+                    median_ms=ms,
+                    dense_median_ms=dense_ms,
+                    speedup=dense_ms / ms,
+                    dense_einsum_ms=times[0],
+                    dense_broadcast_ms=times[1],
+                    dense_bytes=dense_bytes,
+                    gaze_bytes=gaze_bytes,
+                    byte_bound=dense_bytes / gaze_bytes,
+                )
+            )
     return records
 
 
@@ -129,20 +160,27 @@ def main() -> None:
     args = parser.parse_args()
     reps = 5 if args.quick else args.reps
 
-    print(f"device: {jax.devices()[0].device_kind}; heads {NUM_HEADS}/{NUM_KV_HEADS}, "
-          f"head_dim {HEAD_DIM}, region {REGION}, |C| {NUM_CONTEXT}")
-    header = (f"{'impl':9} {'dtype':8} {'routing':8} {'N':>6} {'K':>4} {'dense ms':>9} "
-              f"{'gaze ms':>8} {'speedup':>7} {'bytes bound':>11} {'ratio':>5}")
+    print(
+        f"device: {jax.devices()[0].device_kind}; heads {NUM_HEADS}/{NUM_KV_HEADS}, "
+        f"head_dim {HEAD_DIM}, region {REGION}, |C| {NUM_CONTEXT}"
+    )
+    header = (
+        f"{'impl':9} {'dtype':8} {'routing':8} {'N':>6} {'K':>4} {'dense ms':>9} "
+        f"{'gaze ms':>8} {'speedup':>7} {'bytes bound':>11} {'ratio':>5}"
+    )
     print(header)
     records = []
     for n_visual in args.sizes:
         for dtype in args.dtypes:
             for r in run_size(n_visual, dtype, args.routings, args.impls, reps):
                 records.append(r)
-                print(f"{r['impl']:9} {r['dtype']:8} {r['routing']:8} {r['n_visual']:>6} "
-                      f"{r['top_k']:>4} {r['dense_median_ms']:>9.2f} {r['median_ms']:>8.2f} "
-                      f"{r['speedup']:>7.2f} {r['byte_bound']:>11.2f} "
-                      f"{r['speedup'] / r['byte_bound']:>5.2f}", flush=True)
+                print(
+                    f"{r['impl']:9} {r['dtype']:8} {r['routing']:8} {r['n_visual']:>6} "
+                    f"{r['top_k']:>4} {r['dense_median_ms']:>9.2f} {r['median_ms']:>8.2f} "
+                    f"{r['speedup']:>7.2f} {r['byte_bound']:>11.2f} "
+                    f"{r['speedup'] / r['byte_bound']:>5.2f}",
+                    flush=True,
+                )
     with open(args.out, "w") as f:
         json.dump(records, f, indent=1)
     print(f"wrote {len(records)} records to {args.out}")

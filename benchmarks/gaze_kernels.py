@@ -129,8 +129,9 @@ def normal(rng, shape, dtype):
 # Decode.
 
 
-def decode_bytes(query_meta, kv_meta, table, selection, route, num_kv_heads, head_dim, itemsize,
-                 descriptor_bytes) -> dict:
+def decode_bytes(
+    query_meta, kv_meta, table, selection, route, num_kv_heads, head_dim, itemsize, descriptor_bytes
+) -> dict:
     """Bytes a decode step must read, and what xla and pallas fetch, from the actual selection."""
     kind = np.asarray(kv_meta.kind)
     unrouted = int(((kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)).sum())
@@ -165,7 +166,8 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
     num_heads, num_kv_heads, head_dim = args.heads
     layout = build_layout(
         [TextSegment(DECODE_TEXT), *visual_segments(n_visual), TextSegment(DECODE_TEXT)],
-        REGION, NUM_CONTEXT,
+        REGION,
+        NUM_CONTEXT,
     )
     kv_meta, table = batch_layouts([layout])
     length = layout.length
@@ -174,8 +176,12 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
     key, value = (normal(rng, (1, length, num_kv_heads, head_dim), dtype) for _ in range(2))
     query = normal(rng, (1, 1, num_heads, head_dim), dtype)
     descriptors = routing.region_descriptors(key, kv_meta, table.num_regions)
-    query_meta = TokenMeta(*(jnp.asarray([[x]], jnp.int32)
-                             for x in (TokenKind.TEXT, -1, -1, int(kv_meta.position.max()) + 1)))
+    query_meta = TokenMeta(
+        *(
+            jnp.asarray([[x]], jnp.int32)
+            for x in (TokenKind.TEXT, -1, -1, int(kv_meta.position.max()) + 1)
+        )
+    )
     kind = np.asarray(kv_meta.kind)
     unrouted = int(((kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)).sum())
 
@@ -186,14 +192,35 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
 
     def gaze(implementation):
         bound = None if implementation == "reference" else unrouted
-        return jax.jit(lambda q, k, v, c: gaze_attention(
-            q, k, v, c["query_meta"], c["kv_meta"], c["table"], top_k=args.top_k,
-            descriptors=c["descriptors"], routing=route, implementation=implementation,
-            max_unrouted_tokens=bound, return_selection=True))
+        return jax.jit(
+            lambda q, k, v, c: gaze_attention(
+                q,
+                k,
+                v,
+                c["query_meta"],
+                c["kv_meta"],
+                c["table"],
+                top_k=args.top_k,
+                descriptors=c["descriptors"],
+                routing=route,
+                implementation=implementation,
+                max_unrouted_tokens=bound,
+                return_selection=True,
+            )
+        )
 
     expected, selection = gaze("reference")(*operands)
-    nbytes = decode_bytes(query_meta, kv_meta, table, selection, route, num_kv_heads, head_dim,
-                          dtype.itemsize, descriptors.size * descriptors.dtype.itemsize)
+    nbytes = decode_bytes(
+        query_meta,
+        kv_meta,
+        table,
+        selection,
+        route,
+        num_kv_heads,
+        head_dim,
+        dtype.itemsize,
+        descriptors.size * descriptors.dtype.itemsize,
+    )
     dense_bytes = 2 * length * num_kv_heads * head_dim * dtype.itemsize
     xla_fn, pallas_fn = gaze("xla"), gaze("pallas")
     interpret = info["platform"] == "cpu"
@@ -201,30 +228,58 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
     if not interpret:
         timed.append(lambda *a: pallas_fn(*a)[0])
     times = median_ms(timed, operands, args.reps)
-    errors = {impl: max_error(f(*operands)[0], expected)
-              for impl, f in (("xla", xla_fn), ("pallas", pallas_fn))}
+    errors = {
+        impl: max_error(f(*operands)[0], expected)
+        for impl, f in (("xla", xla_fn), ("pallas", pallas_fn))
+    }
 
     platform = "gpu" if info["platform"] in ("gpu", "cuda", "rocm") else "tpu"
-    base = dict(section="decode", **{k: info[k] for k in ("device", "platform")},
-                n_visual=n_visual, cache_len=length, routing=route, top_k=args.top_k,
-                heads=list(args.heads), dtype=args.dtype, region_size=table.capacity,
-                num_regions=table.num_regions, **{k: v for k, v in nbytes.items()
-                                                  if k != "pallas_reads"})
+    base = dict(
+        section="decode",
+        **{k: info[k] for k in ("device", "platform")},
+        n_visual=n_visual,
+        cache_len=length,
+        routing=route,
+        top_k=args.top_k,
+        heads=list(args.heads),
+        dtype=args.dtype,
+        region_size=table.capacity,
+        num_regions=table.num_regions,
+        **{k: v for k, v in nbytes.items() if k != "pallas_reads"},
+    )
     rows = [
-        dict(base, impl="dense", floor_bytes=dense_bytes, reads_bytes=dense_bytes,
-             median_ms=times[0], error=None, note=""),
-        dict(base, impl="xla", floor_bytes=nbytes["must_read"], reads_bytes=nbytes["xla_reads"],
-             median_ms=times[1], error=errors["xla"], note=""),
-        dict(base, impl="pallas", floor_bytes=nbytes["must_read"],
-             reads_bytes=nbytes["pallas_reads"][platform],
-             median_ms=None if interpret else times[2], error=errors["pallas"],
-             note=INTERPRET if interpret else ""),
+        dict(
+            base,
+            impl="dense",
+            floor_bytes=dense_bytes,
+            reads_bytes=dense_bytes,
+            median_ms=times[0],
+            error=None,
+            note="",
+        ),
+        dict(
+            base,
+            impl="xla",
+            floor_bytes=nbytes["must_read"],
+            reads_bytes=nbytes["xla_reads"],
+            median_ms=times[1],
+            error=errors["xla"],
+            note="",
+        ),
+        dict(
+            base,
+            impl="pallas",
+            floor_bytes=nbytes["must_read"],
+            reads_bytes=nbytes["pallas_reads"][platform],
+            median_ms=None if interpret else times[2],
+            error=errors["pallas"],
+            note=INTERPRET if interpret else "",
+        ),
     ]
     for r in rows:
         ms = r["median_ms"]
         r["gbps"] = r["floor_bytes"] / ms / 1e6 if ms else None
-        r["floor_ms"] = (r["floor_bytes"] / info["peak_gbps"] / 1e6
-                         if info["peak_gbps"] else None)
+        r["floor_ms"] = r["floor_bytes"] / info["peak_gbps"] / 1e6 if info["peak_gbps"] else None
     return rows
 
 
@@ -264,8 +319,9 @@ def visible_pairs(meta, table, selection) -> tuple[int, int]:
     lengths = np.asarray(table.length)[0]
     region, chosen = np.asarray(selection.region)[0], np.asarray(selection.valid)[0]
     routed = int(np.where(chosen, lengths[np.maximum(region, 0)], 0)[text].sum())
-    visual = int(np.searchsorted(np.sort(pos), position[kind == TokenKind.VISUAL],
-                                 side="right").sum())
+    visual = int(
+        np.searchsorted(np.sort(pos), position[kind == TokenKind.VISUAL], side="right").sum()
+    )
     context = 0
     for u in np.unique(unit[kind == TokenKind.CONTEXT]):
         own = unit == u
@@ -280,8 +336,12 @@ def memory(compiled) -> dict:
     stats = compiled.memory_analysis()
     if stats is None:
         return dict(peak_bytes=None, temp_bytes=None)
-    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-            - stats.alias_size_in_bytes)
+    peak = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
     return dict(peak_bytes=int(peak), temp_bytes=int(stats.temp_size_in_bytes))
 
 
@@ -293,8 +353,12 @@ def calibrate(args, dtype) -> float:
     q = normal(rng, (1, length, num_heads, head_dim), dtype)
     k, v = (normal(rng, (1, length, num_kv_heads, head_dim), dtype) for _ in range(2))
     position = jnp.arange(length, dtype=jnp.int32)[None]
-    f = jax.jit(jax.grad(lambda q, k, v: dense_train_attention(q, k, v, position).sum(
-        dtype=jnp.float32), (0, 1, 2)))
+    f = jax.jit(
+        jax.grad(
+            lambda q, k, v: dense_train_attention(q, k, v, position).sum(dtype=jnp.float32),
+            (0, 1, 2),
+        )
+    )
     (ms,) = median_ms([f], (q, k, v), 3)
     return 4 * length * length * head_dim * num_heads * 2.5 / (ms / 1e3)
 
@@ -308,7 +372,8 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
     text = args.train_text
     layout = build_layout(
         [TextSegment(TEXT_BEFORE), *visual_segments(n_visual), TextSegment(text - TEXT_BEFORE)],
-        REGION, NUM_CONTEXT,
+        REGION,
+        NUM_CONTEXT,
     )
     meta, table = batch_layouts([layout])
     length = layout.length
@@ -320,8 +385,9 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
 
     # Floors from the actual selection (text queries only route).
     descriptors = routing.region_descriptors(k, meta, table.num_regions)
-    selection = routing.select_regions(q, descriptors, routing.routable(meta, table),
-                                       top_k=args.top_k, routing=args.train_routing)
+    selection = routing.select_regions(
+        q, descriptors, routing.routable(meta, table), top_k=args.top_k, routing=args.train_routing
+    )
     dense_pairs, gaze_pairs = visible_pairs(meta, table, selection)
     block = min(pallas_train.DEFAULT_BLOCK, 1 << (length - 1).bit_length())
     codes = pallas_train.tile_codes(meta, meta, selection.region, table.num_regions, block, block)
@@ -331,12 +397,21 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
         def f(q, k, v, w, meta, table):
             out = attend(q, k, v, meta, table)
             return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
+
         return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))
 
     def gaze(implementation):
         return lambda q, k, v, meta, table: gaze_attention(
-            q, k, v, meta, meta, table, top_k=args.top_k, routing=args.train_routing,
-            implementation=implementation)
+            q,
+            k,
+            v,
+            meta,
+            meta,
+            table,
+            top_k=args.top_k,
+            routing=args.train_routing,
+            implementation=implementation,
+        )
 
     operands = (q, k, v, w, meta, table)
     impls = {
@@ -346,15 +421,31 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
         "pallas": gaze("pallas"),
     }
     rectangle = 4 * length * length * head_dim * num_heads * 2.5
-    base = dict(section="train", **{key: info[key] for key in ("device", "platform")},
-                n_visual=n_visual, seq_len=length, text_queries=text, heads=list(args.heads),
-                dtype=args.dtype, top_k=args.top_k, routing=args.train_routing,
-                tiles_visited=tile_fraction)
+    base = dict(
+        section="train",
+        **{key: info[key] for key in ("device", "platform")},
+        n_visual=n_visual,
+        seq_len=length,
+        text_queries=text,
+        heads=list(args.heads),
+        dtype=args.dtype,
+        top_k=args.top_k,
+        routing=args.train_routing,
+        tiles_visited=tile_fraction,
+    )
     rows, results = [], {}
     for impl in args.train_impls:
         floor = 4 * head_dim * (dense_pairs if impl in ("dense", "sdpa") else gaze_pairs) * 2.5
-        row = dict(base, impl=impl, floor_flops=floor, median_ms=None, peak_bytes=None,
-                   temp_bytes=None, error=None, note="")
+        row = dict(
+            base,
+            impl=impl,
+            floor_flops=floor,
+            median_ms=None,
+            peak_bytes=None,
+            temp_bytes=None,
+            error=None,
+            note="",
+        )
         rows.append(row)
         fn = loss(impls[impl])
         interpreted = impl == "pallas" and interpret
@@ -366,8 +457,10 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
                 continue
             row.update(memory(compiled))
             if info["memory_limit"] and row["peak_bytes"] > info["memory_limit"]:
-                row["note"] = (f"skipped: needs {row['peak_bytes'] / 2**30:.1f} GiB > "
-                               f"{info['memory_limit'] / 2**30:.1f} GiB")
+                row["note"] = (
+                    f"skipped: needs {row['peak_bytes'] / 2**30:.1f} GiB > "
+                    f"{info['memory_limit'] / 2**30:.1f} GiB"
+                )
                 continue
         estimate = rectangle * COST["pallas_interpret" if interpreted else impl] / rate
         if estimate > args.max_seconds:
@@ -386,8 +479,9 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
     for row in rows:
         ms = row["median_ms"]
         row["tflops"] = row["floor_flops"] / ms / 1e9 if ms else None
-        row["floor_ms"] = (row["floor_flops"] / info["peak_tflops"] / 1e9
-                           if info["peak_tflops"] else None)
+        row["floor_ms"] = (
+            row["floor_flops"] / info["peak_tflops"] / 1e9 if info["peak_tflops"] else None
+        )
         if row["impl"] == "pallas" and oracle is not None and "pallas" in results:
             row["error"] = max_error(results["pallas"], oracle)  # out, dq, dk, dv vs xla
     return rows
@@ -402,14 +496,18 @@ def fmt(x, spec: str, missing: str = "-") -> str:
 
 
 def print_decode(rows) -> None:
-    print(f"{'decode':6} {'device':12} {'N':>6} {'routing':8} {'impl':7} {'must-read MiB':>13} "
-          f"{'reads MiB':>9} {'ms':>8} {'GB/s':>7} {'floor ms':>8} {'max err':>8}  note")
+    print(
+        f"{'decode':6} {'device':12} {'N':>6} {'routing':8} {'impl':7} {'must-read MiB':>13} "
+        f"{'reads MiB':>9} {'ms':>8} {'GB/s':>7} {'floor ms':>8} {'max err':>8}  note"
+    )
     for r in rows:
-        print(f"{'':6} {r['device']:12} {r['n_visual']:>6} {r['routing']:8} {r['impl']:7} "
-              f"{r['floor_bytes'] / 2**20:>13.2f} {r['reads_bytes'] / 2**20:>9.2f} "
-              f"{fmt(r['median_ms'], '8.2f'):>8} {fmt(r['gbps'], '7.1f'):>7} "
-              f"{fmt(r['floor_ms'], '8.3f'):>8} {fmt(r['error'], '8.1e'):>8}  {r['note']}",
-              flush=True)
+        print(
+            f"{'':6} {r['device']:12} {r['n_visual']:>6} {r['routing']:8} {r['impl']:7} "
+            f"{r['floor_bytes'] / 2**20:>13.2f} {r['reads_bytes'] / 2**20:>9.2f} "
+            f"{fmt(r['median_ms'], '8.2f'):>8} {fmt(r['gbps'], '7.1f'):>7} "
+            f"{fmt(r['floor_ms'], '8.3f'):>8} {fmt(r['error'], '8.1e'):>8}  {r['note']}",
+            flush=True,
+        )
 
 
 def mib(nbytes):
@@ -417,48 +515,83 @@ def mib(nbytes):
 
 
 def print_train(rows) -> None:
-    print(f"{'train':6} {'device':12} {'N':>6} {'L':>6} {'impl':7} {'fwd+bwd ms':>10} "
-          f"{'peak MiB':>9} {'temp MiB':>9} {'floor GFLOP':>11} {'TFLOP/s':>7} "
-          f"{'floor ms':>8} {'max err':>8}  note")
+    print(
+        f"{'train':6} {'device':12} {'N':>6} {'L':>6} {'impl':7} {'fwd+bwd ms':>10} "
+        f"{'peak MiB':>9} {'temp MiB':>9} {'floor GFLOP':>11} {'TFLOP/s':>7} "
+        f"{'floor ms':>8} {'max err':>8}  note"
+    )
     for r in rows:
-        print(f"{'':6} {r['device']:12} {r['n_visual']:>6} {r['seq_len']:>6} {r['impl']:7} "
-              f"{fmt(r['median_ms'], '10.1f'):>10} {fmt(mib(r['peak_bytes']), '9.1f'):>9} "
-              f"{fmt(mib(r['temp_bytes']), '9.1f'):>9} {r['floor_flops'] / 1e9:>11.1f} "
-              f"{fmt(r['tflops'], '7.3f'):>7} {fmt(r['floor_ms'], '8.2f'):>8} "
-              f"{fmt(r['error'], '8.1e'):>8}  {r['note']}", flush=True)
+        print(
+            f"{'':6} {r['device']:12} {r['n_visual']:>6} {r['seq_len']:>6} {r['impl']:7} "
+            f"{fmt(r['median_ms'], '10.1f'):>10} {fmt(mib(r['peak_bytes']), '9.1f'):>9} "
+            f"{fmt(mib(r['temp_bytes']), '9.1f'):>9} {r['floor_flops'] / 1e9:>11.1f} "
+            f"{fmt(r['tflops'], '7.3f'):>7} {fmt(r['floor_ms'], '8.2f'):>8} "
+            f"{fmt(r['error'], '8.1e'):>8}  {r['note']}",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4608, 16384],
-                        help="decode visual tokens N")
-    parser.add_argument("--train-sizes", type=int, nargs="+", default=None,
-                        help="training visual tokens (default --sizes; --quick: 576 1152)")
-    parser.add_argument("--train-text", type=int, default=None,
-                        help=f"training text queries (default {TRAIN_TEXT}; --quick: 256)")
-    parser.add_argument("--heads", type=int, nargs=3, default=list(HEADS),
-                        metavar=("HEADS", "KV_HEADS", "HEAD_DIM"))
-    parser.add_argument("--train-heads", type=int, nargs=3, default=None,
-                        metavar=("HEADS", "KV_HEADS", "HEAD_DIM"),
-                        help="training heads (default --heads; --quick: 8 2 128)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[4608, 16384], help="decode visual tokens N"
+    )
+    parser.add_argument(
+        "--train-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training visual tokens (default --sizes; --quick: 576 1152)",
+    )
+    parser.add_argument(
+        "--train-text",
+        type=int,
+        default=None,
+        help=f"training text queries (default {TRAIN_TEXT}; --quick: 256)",
+    )
+    parser.add_argument(
+        "--heads", type=int, nargs=3, default=list(HEADS), metavar=("HEADS", "KV_HEADS", "HEAD_DIM")
+    )
+    parser.add_argument(
+        "--train-heads",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("HEADS", "KV_HEADS", "HEAD_DIM"),
+        help="training heads (default --heads; --quick: 8 2 128)",
+    )
     parser.add_argument("--top-k", type=int, default=TOP_K)
     parser.add_argument("--routings", nargs="+", default=["per_head", "shared"])
     parser.add_argument("--train-routing", default="per_head")
-    parser.add_argument("--train-impls", nargs="+", default=None,
-                        help="dense sdpa xla pallas (default: sdpa only off CPU)")
+    parser.add_argument(
+        "--train-impls",
+        nargs="+",
+        default=None,
+        help="dense sdpa xla pallas (default: sdpa only off CPU)",
+    )
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, else bfloat16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--train-reps", type=int, default=5)
-    parser.add_argument("--max-seconds", type=float, default=30.0,
-                        help="skip training cases estimated slower than this per call")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="skip training cases estimated slower than this per call",
+    )
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--peak-gbps", type=float, default=None)
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--quick", action="store_true",
-                        help="5 decode / 3 training reps; small training cases (CPU)")
-    parser.add_argument("--out", default=None,
-                        help="JSON records (default benchmarks/results/kernels_<platform>.json)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="5 decode / 3 training reps; small training cases (CPU)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON records (default benchmarks/results/kernels_<platform>.json)",
+    )
     args = parser.parse_args()
     info = device_info(args)
     cpu = info["platform"] == "cpu"
@@ -469,17 +602,23 @@ def main() -> None:
     args.train_text = args.train_text or (256 if args.quick else TRAIN_TEXT)
     train_heads = args.train_heads or ([8, 2, 128] if args.quick else args.heads)
     args.train_impls = args.train_impls or (
-        ["dense", "xla", "pallas"] if cpu else ["dense", "sdpa", "xla", "pallas"])
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"kernels_{info['platform']}.json")
+        ["dense", "xla", "pallas"] if cpu else ["dense", "sdpa", "xla", "pallas"]
+    )
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{info['platform']}.json"
+    )
 
-    print(f"device: {info['device']}; dtype {args.dtype}; region {REGION}, |C| {NUM_CONTEXT} "
-          f"per unit, K {args.top_k}; peak GB/s {info['peak_gbps']}, TFLOP/s "
-          f"{info['peak_tflops']}" + (f"; Pallas in the interpreter ({INTERPRET})" if cpu else ""))
+    print(
+        f"device: {info['device']}; dtype {args.dtype}; region {REGION}, |C| {NUM_CONTEXT} "
+        f"per unit, K {args.top_k}; peak GB/s {info['peak_gbps']}, TFLOP/s "
+        f"{info['peak_tflops']}" + (f"; Pallas in the interpreter ({INTERPRET})" if cpu else "")
+    )
     records = []
     if not args.skip_decode:
-        print(f"\ndecode step: heads {args.heads}, batch 1, {DECODE_TEXT} text + N visual + "
-              f"{DECODE_TEXT} text cached; {args.reps} reps")
+        print(
+            f"\ndecode step: heads {args.heads}, batch 1, {DECODE_TEXT} text + N visual + "
+            f"{DECODE_TEXT} text cached; {args.reps} reps"
+        )
         rows = []
         for n_visual in args.sizes:
             for route in args.routings:
@@ -489,9 +628,11 @@ def main() -> None:
     if not args.skip_train:
         args.heads = train_heads
         rate = calibrate(args, jnp.dtype(args.dtype))
-        print(f"\ntraining forward+backward: heads {train_heads}, {args.train_text} text queries,"
-              f" routing {args.train_routing}; {args.train_reps} reps; calibrated dense rate "
-              f"{rate / 1e9:.1f} GFLOP/s")
+        print(
+            f"\ntraining forward+backward: heads {train_heads}, {args.train_text} text queries,"
+            f" routing {args.train_routing}; {args.train_reps} reps; calibrated dense rate "
+            f"{rate / 1e9:.1f} GFLOP/s"
+        )
         rows = []
         for n_visual in args.train_sizes:
             rows += run_train(n_visual, args, info, rate)

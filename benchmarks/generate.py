@@ -90,15 +90,21 @@ def _last(embeds):
 
 
 def _prefill_dense(model, params, embeds, cache):
-    logits, cache = model.apply({"params": params}, None, inputs_embeds=embeds, cache=cache,
-                                logit_slots=_last(embeds))
+    logits, cache = model.apply(
+        {"params": params}, None, inputs_embeds=embeds, cache=cache, logit_slots=_last(embeds)
+    )
     return logits[:, 0], cache
 
 
 def _prefill_gaze(model, params, embeds, meta, regions, cache):
     logits, cache = model.apply(
-        {"params": params}, None, inputs_embeds=embeds, token_meta=meta, regions=regions,
-        cache=cache, logit_slots=_last(embeds),
+        {"params": params},
+        None,
+        inputs_embeds=embeds,
+        token_meta=meta,
+        regions=regions,
+        cache=cache,
+        logit_slots=_last(embeds),
     )
     return logits[:, 0], cache
 
@@ -117,7 +123,10 @@ def _step_gaze(model, params, token, position, cache, max_unrouted_tokens):
         position=jnp.reshape(position, shape).astype(jnp.int32),
     )
     logits, cache = model.apply(
-        {"params": params}, token[:, None], token_meta=meta, cache=cache,
+        {"params": params},
+        token[:, None],
+        token_meta=meta,
+        cache=cache,
         max_unrouted_tokens=max_unrouted_tokens,
     )
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
@@ -146,7 +155,9 @@ class JaxRunner:
         self.length = length
         max_len = length + new_tokens + 1
         if layout is None:
-            self.pieces = [jnp.asarray(embeds[i:i + chunk])[None] for i in range(0, length, chunk)]
+            self.pieces = [
+                jnp.asarray(embeds[i : i + chunk])[None] for i in range(0, length, chunk)
+            ]
             cache = KVCache.empty(model.config, 1, max_len)
         else:
             meta, regions = batch_layouts([layout])
@@ -169,8 +180,9 @@ class JaxRunner:
             compiled = {}
             for piece in self.pieces:
                 if piece.shape not in compiled:
-                    compiled[piece.shape] = fn.lower(self.model, self.params, piece,
-                                                     self.cache).compile()
+                    compiled[piece.shape] = fn.lower(
+                        self.model, self.params, piece, self.cache
+                    ).compile()
             compile_s = time.perf_counter() - begin
             begin = time.perf_counter()
             cache = self.cache
@@ -181,26 +193,31 @@ class JaxRunner:
             compiled = {}
             for piece, meta in self.pieces:
                 if piece.shape not in compiled:
-                    compiled[piece.shape] = fn.lower(self.model, self.params, piece, meta,
-                                                     self.regions, self.cache).compile()
+                    compiled[piece.shape] = fn.lower(
+                        self.model, self.params, piece, meta, self.regions, self.cache
+                    ).compile()
             compile_s = time.perf_counter() - begin
             begin = time.perf_counter()
             cache = self.cache
             for piece, meta in self.pieces:
-                logits, cache = compiled[piece.shape](self.params, piece, meta, self.regions,
-                                                      cache)
+                logits, cache = compiled[piece.shape](self.params, piece, meta, self.regions, cache)
         self.token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         jax.block_until_ready((self.token, cache))
         prefill_s = time.perf_counter() - begin
         self.cache, self.position = cache, self.length
         begin = time.perf_counter()
         if self.layout is None:
-            self._step = jax.jit(_step_dense, static_argnums=0, donate_argnums=3).lower(
-                self.model, self.params, self.token, self.cache).compile()
+            self._step = (
+                jax.jit(_step_dense, static_argnums=0, donate_argnums=3)
+                .lower(self.model, self.params, self.token, self.cache)
+                .compile()
+            )
         else:
-            self._step = jax.jit(_step_gaze, static_argnums=(0, 5), donate_argnums=4).lower(
-                self.model, self.params, self.token, jnp.int32(0), self.cache,
-                self.unrouted).compile()
+            self._step = (
+                jax.jit(_step_gaze, static_argnums=(0, 5), donate_argnums=4)
+                .lower(self.model, self.params, self.token, jnp.int32(0), self.cache, self.unrouted)
+                .compile()
+            )
         return compile_s + time.perf_counter() - begin, prefill_s
 
     def first_token(self) -> int:
@@ -210,8 +227,9 @@ class JaxRunner:
         if self.layout is None:
             self.token, self.cache = self._step(self.params, self.token, self.cache)
         else:
-            self.token, self.cache = self._step(self.params, self.token,
-                                                jnp.int32(self.position), self.cache)
+            self.token, self.cache = self._step(
+                self.params, self.token, jnp.int32(self.position), self.cache
+            )
         self.position += 1
         return int(self.token[0])  # blocks
 
@@ -251,8 +269,12 @@ class HFRunner:
         cache = None
         with torch.inference_mode():
             for i in range(0, self.embeds.shape[1], self.chunk):
-                out = self.model(inputs_embeds=self.embeds[:, i:i + self.chunk],
-                                 use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+                out = self.model(
+                    inputs_embeds=self.embeds[:, i : i + self.chunk],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self.cache_arg: cache},
+                )
                 cache = _output_cache(out)
         self.token = out.logits[:, -1].argmax(-1)
         self.cache = cache
@@ -263,8 +285,9 @@ class HFRunner:
 
     def step(self) -> int:
         with self.torch.inference_mode():
-            out = self.model(input_ids=self.token[:, None], use_cache=True,
-                             **{self.cache_arg: self.cache})
+            out = self.model(
+                input_ids=self.token[:, None], use_cache=True, **{self.cache_arg: self.cache}
+            )
         self.cache = _output_cache(out)
         self.token = out.logits[:, -1].argmax(-1)
         return int(self.token[0])
@@ -297,9 +320,9 @@ def step_bytes(args, length: int, layout=None, top_k: int = 0) -> dict:
         m = layout.region_capacity
         unrouted = TEXT_TOKENS + NUM_CONTEXT * layout.num_units
         readers = h if args.routing == "per_head" else kv  # heads that each read K regions
-        per_layer = (2 * readers * top_k * m * hd + 2 * unrouted * kv * hd
-                     + layout.num_regions * kv * hd) * FLOAT_BYTES + 4 * (length
-                                                                           + 3 * layout.num_regions)
+        per_layer = (
+            2 * readers * top_k * m * hd + 2 * unrouted * kv * hd + layout.num_regions * kv * hd
+        ) * FLOAT_BYTES + 4 * (length + 3 * layout.num_regions)
         kv_bytes = args.layers * per_layer
     return dict(weight_bytes=weights, kv_bytes=kv_bytes, bytes=weights + kv_bytes)
 
@@ -312,8 +335,9 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
     if side is None:
         raise ValueError(f"context {n_visual} is not a whole number of 24×24 or 32×32 units")
     units = n_visual // (side * side)
-    layout = build_layout([VisualSegment(side, side, units), TextSegment(TEXT_TOKENS)],
-                          REGION, NUM_CONTEXT)
+    layout = build_layout(
+        [VisualSegment(side, side, units), TextSegment(TEXT_TOKENS)], REGION, NUM_CONTEXT
+    )
     length = layout.length
     m = layout.region_capacity
     top_k = max(1, round(KV_FRACTION * n_visual / m))  # K·m ≈ 16 % of all visual tokens
@@ -324,8 +348,15 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
 
     runners = [
         JaxRunner("dense", dense_model, params, embeds, args.new_tokens, args.prefill_chunk),
-        JaxRunner("gaze", gaze_model.clone(config=_with_top_k(gaze_model.config, top_k)), params,
-                  embeds, args.new_tokens, args.prefill_chunk, layout=layout),
+        JaxRunner(
+            "gaze",
+            gaze_model.clone(config=_with_top_k(gaze_model.config, top_k)),
+            params,
+            embeds,
+            args.new_tokens,
+            args.prefill_chunk,
+            layout=layout,
+        ),
         HFRunner(hf_folder, embeds, args.prefill_chunk),
     ]
     compile_s, prefill_s, tokens, step_ms = {}, {}, {}, {}
@@ -348,15 +379,26 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
         fl["floor_ms"] = fl["bytes"] / (bandwidth * 1e9) * 1e3
     agree = np.mean(np.asarray(tokens["gaze"]) == np.asarray(tokens["dense"]))
     return dict(
-        n_visual=n_visual, unit_side=side, units=units, prompt_length=length, top_k=top_k,
+        n_visual=n_visual,
+        unit_side=side,
+        units=units,
+        prompt_length=length,
+        top_k=top_k,
         region_size=m,
-        gaze_kv_fraction=top_k * m / n_visual, new_tokens=args.new_tokens,
-        prefill_s=prefill_s, compile_s=compile_s, step_ms=step_ms, median_step_ms=median_ms,
+        gaze_kv_fraction=top_k * m / n_visual,
+        new_tokens=args.new_tokens,
+        prefill_s=prefill_s,
+        compile_s=compile_s,
+        step_ms=step_ms,
+        median_step_ms=median_ms,
         tokens_per_s=tok_s,
-        dense_vs_hf=tok_s["dense"] / tok_s["hf"], gaze_vs_hf=tok_s["gaze"] / tok_s["hf"],
+        dense_vs_hf=tok_s["dense"] / tok_s["hf"],
+        gaze_vs_hf=tok_s["gaze"] / tok_s["hf"],
         gaze_vs_dense=tok_s["gaze"] / tok_s["dense"],
-        floor=floors, tokens=tokens,
-        dense_equals_hf=tokens["dense"] == tokens["hf"], gaze_agreement=float(agree),
+        floor=floors,
+        tokens=tokens,
+        dense_equals_hf=tokens["dense"] == tokens["hf"],
+        gaze_agreement=float(agree),
     )
 
 
@@ -371,8 +413,13 @@ def _with_top_k(config: DecoderConfig, top_k: int) -> DecoderConfig:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[576, 4608, 16384],
-                        help="visual tokens (multiples of 576)")
+    parser.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[576, 4608, 16384],
+        help="visual tokens (multiples of 576)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=151936)
@@ -382,13 +429,21 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=1024)
-    parser.add_argument("--routing", choices=("per_head", "shared"), default="per_head",
-                        help="gaze routing: K regions per query head, or per GQA group")
+    parser.add_argument(
+        "--routing",
+        choices=("per_head", "shared"),
+        default="per_head",
+        help="gaze routing: K regions per query head, or per GQA group",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: contexts 576 1152, 8 new tokens, vocab 32768")
-    parser.add_argument("--out", default=None,
-                        help="JSON path; default benchmarks/results/generate_<platform>.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: contexts 576 1152, 8 new tokens, vocab 32768",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path; default benchmarks/results/generate_<platform>.json"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.new_tokens, args.vocab = [576, 1152], 8, 32768
@@ -407,48 +462,66 @@ def main(argv=None) -> dict:
     table = np.asarray(params["embed_tokens"]["embedding"])
     bandwidth = read_bandwidth_gbs()
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores); Qwen3 {args.layers} layers, hidden {args.hidden}, heads "
-          f"{args.heads}/{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab "
-          f"{args.vocab} (tied), {n_params / 1e6:.0f}M params, float32; region {REGION[:2]}, "
-          f"routing {args.routing}, "
-          f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
-          f"read bandwidth {bandwidth:.1f} GB/s", flush=True)
-    header = (f"{'N':>6} {'K':>3} {'method':6} {'prefill s':>9} {'step ms':>8} {'tok/s':>7} "
-              f"{'vs hf':>6} {'vs dense':>8} {'floor ms':>8} {'floor tok/s':>11} {'KV MB':>7}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores); Qwen3 {args.layers} layers, hidden {args.hidden}, heads "
+        f"{args.heads}/{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab "
+        f"{args.vocab} (tied), {n_params / 1e6:.0f}M params, float32; region {REGION[:2]}, "
+        f"routing {args.routing}, "
+        f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
+        f"read bandwidth {bandwidth:.1f} GB/s",
+        flush=True,
+    )
+    header = (
+        f"{'N':>6} {'K':>3} {'method':6} {'prefill s':>9} {'step ms':>8} {'tok/s':>7} "
+        f"{'vs hf':>6} {'vs dense':>8} {'floor ms':>8} {'floor tok/s':>11} {'KV MB':>7}"
+    )
     records = []
     with tempfile.TemporaryDirectory() as folder:
         save_hf(dense_model, params, folder)
         print(header, flush=True)
         for n_visual in args.contexts:
-            r = run_context(args, n_visual, dense_model, gaze_model, params, table, folder,
-                            bandwidth)
+            r = run_context(
+                args, n_visual, dense_model, gaze_model, params, table, folder, bandwidth
+            )
             records.append(r)
             for name in ("dense", "gaze", "hf"):
                 fl = r["floor"][name]
                 vs_dense = f"{r['gaze_vs_dense']:>8.2f}" if name == "gaze" else f"{'':>8}"
-                print(f"{n_visual:>6} {r['top_k']:>3} {name:6} {r['prefill_s'][name]:>9.2f} "
-                      f"{r['median_step_ms'][name]:>8.1f} {r['tokens_per_s'][name]:>7.1f} "
-                      f"{r['tokens_per_s'][name] / r['tokens_per_s']['hf']:>6.2f} {vs_dense} "
-                      f"{fl['floor_ms']:>8.1f} {1e3 / fl['floor_ms']:>11.1f} "
-                      f"{fl['kv_bytes'] / 1e6:>7.1f}")
-            print(f"dense tokens == transformers tokens: {r['dense_equals_hf']}; gaze agreement "
-                  f"with dense: {r['gaze_agreement']:.2f}", flush=True)
+                print(
+                    f"{n_visual:>6} {r['top_k']:>3} {name:6} {r['prefill_s'][name]:>9.2f} "
+                    f"{r['median_step_ms'][name]:>8.1f} {r['tokens_per_s'][name]:>7.1f} "
+                    f"{r['tokens_per_s'][name] / r['tokens_per_s']['hf']:>6.2f} {vs_dense} "
+                    f"{fl['floor_ms']:>8.1f} {1e3 / fl['floor_ms']:>11.1f} "
+                    f"{fl['kv_bytes'] / 1e6:>7.1f}"
+                )
+            print(
+                f"dense tokens == transformers tokens: {r['dense_equals_hf']}; gaze agreement "
+                f"with dense: {r['gaze_agreement']:.2f}",
+                flush=True,
+            )
             _write(out, args, bandwidth, n_params, records)  # after every context
     print(f"wrote {len(records)} records to {out}")
     for r in records:
-        assert r["dense_equals_hf"], f"N={r['n_visual']}: dense {r['tokens']['dense']} != " \
-                                     f"transformers {r['tokens']['hf']}"
+        assert r["dense_equals_hf"], (
+            f"N={r['n_visual']}: dense {r['tokens']['dense']} != transformers {r['tokens']['hf']}"
+        )
     return _write(out, args, bandwidth, n_params, records)
 
 
 def _write(out, args, bandwidth, n_params, records) -> dict:
     platform_name = jax.devices()[0].platform
     result = dict(
-        device=jax.devices()[0].device_kind, platform=platform_name, cpu_count=os.cpu_count(),
-        read_bandwidth_gbs=bandwidth, n_params=n_params,
+        device=jax.devices()[0].device_kind,
+        platform=platform_name,
+        cpu_count=os.cpu_count(),
+        read_bandwidth_gbs=bandwidth,
+        n_params=n_params,
         config={k: v for k, v in vars(args).items() if k != "out"},
-        region=REGION, num_context=NUM_CONTEXT, text_tokens=TEXT_TOKENS, records=records,
+        region=REGION,
+        num_context=NUM_CONTEXT,
+        text_tokens=TEXT_TOKENS,
+        records=records,
     )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -22,11 +22,32 @@ def load_benchmark():
 
 def test_tiny_run_writes_json_and_dense_matches_transformers(tmp_path, capsys):
     out = tmp_path / "generate.json"
-    result = load_benchmark().main([
-        "--contexts", "576", "--new-tokens", "3", "--layers", "1", "--vocab", "512",
-        "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
-        "--head-dim", "16", "--prefill-chunk", "256", "--out", str(out),
-    ])
+    result = load_benchmark().main(
+        [
+            "--contexts",
+            "576",
+            "--new-tokens",
+            "3",
+            "--layers",
+            "1",
+            "--vocab",
+            "512",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "128",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--prefill-chunk",
+            "256",
+            "--out",
+            str(out),
+        ]
+    )
     assert "dense tokens == transformers tokens: True" in capsys.readouterr().out
     with open(out) as f:
         saved = json.load(f)

@@ -18,10 +18,21 @@ CLI_MODULES = ("gazejax.train", "gazejax.evaluate", "gazejax.generate", "gazejax
 # gaze, kernels; data -> gaze; inference -> models, data; eval -> inference, models, data).
 FORBIDDEN = {
     "kernels": ("gazejax",),
-    "gazejax.gaze": ("gazejax.models", "gazejax.data", "gazejax.inference", "gazejax.eval",
-                     "gazejax.lmms", "gazejax.convert"),
-    "gazejax.models": ("gazejax.data", "gazejax.inference", "gazejax.eval", "gazejax.lmms",
-                       "gazejax.convert"),
+    "gazejax.gaze": (
+        "gazejax.models",
+        "gazejax.data",
+        "gazejax.inference",
+        "gazejax.eval",
+        "gazejax.lmms",
+        "gazejax.convert",
+    ),
+    "gazejax.models": (
+        "gazejax.data",
+        "gazejax.inference",
+        "gazejax.eval",
+        "gazejax.lmms",
+        "gazejax.convert",
+    ),
     "gazejax.data": ("gazejax.models", "gazejax.inference", "gazejax.eval", "gazejax.lmms"),
     "gazejax.inference": ("gazejax.eval", "gazejax.lmms"),
     "gazejax.eval": ("gazejax.lmms",),
@@ -55,9 +66,7 @@ def first_party_modules() -> dict[str, set[str]]:
     modules = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            modules[module_name(path)] = {
-                m for m in imports(path) if m.split(".")[0] in PACKAGES
-            }
+            modules[module_name(path)] = {m for m in imports(path) if m.split(".")[0] in PACKAGES}
     return modules
 
 

@@ -181,8 +181,7 @@ def test_multiple_choice_logliks_equal_a_direct_forward(local):
         # score=nll (the default): lmms-eval's multiple_choice takes the argmin. Float32 sums
         # of ~10 token log-probabilities from batched vs single forwards: XLA:CPU's kernels
         # differ between processors (2.4e-4 at magnitude 18 seen), so the bound is relative too.
-        np.testing.assert_allclose([-g[0] for g in got], [w[0] for w in want], rtol=1e-4,
-                                   atol=1e-4)
+        np.testing.assert_allclose([-g[0] for g in got], [w[0] for w in want], rtol=1e-4, atol=1e-4)
         assert [g[1] for g in got] == [w[1] for w in want]
         correct.append(int(np.argmax([w[0] for w in want])) == sample["target"])
     assert results["acc,none"] == pytest.approx(np.mean(correct))

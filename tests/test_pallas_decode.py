@@ -22,14 +22,38 @@ T, V = TextSegment, VisualSegment
 BACKENDS = ["tpu", "triton"]  # the Mosaic and the Triton kernel
 
 
-def select_and_attend(q, k, v, query_meta, meta, table, descriptors, *, top_k, scale, backend,
-                      interpret=None, max_unrouted_tokens=None, **options):
+def select_and_attend(
+    q,
+    k,
+    v,
+    query_meta,
+    meta,
+    table,
+    descriptors,
+    *,
+    top_k,
+    scale,
+    backend,
+    interpret=None,
+    max_unrouted_tokens=None,
+    **options,
+):
     """The dispatcher's selection, then the decode kernel of an explicit ``backend``."""
     allowed = routing.routable(query_meta, table)
     selection = routing.select_regions(q, descriptors, allowed, top_k=top_k, **options)
     out, _ = pallas_decode.attend_selected_pallas_decode(
-        q, k, v, query_meta, meta, table, selection, scale=scale,
-        max_unrouted_tokens=max_unrouted_tokens, backend=backend, interpret=interpret, **options,
+        q,
+        k,
+        v,
+        query_meta,
+        meta,
+        table,
+        selection,
+        scale=scale,
+        max_unrouted_tokens=max_unrouted_tokens,
+        backend=backend,
+        interpret=interpret,
+        **options,
     )
     return out.astype(q.dtype), selection
 
@@ -45,18 +69,23 @@ attend = jax.jit(
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "routing", "max_unrouted_tokens"))
-def expectations(q, k, v, query_meta, meta, table, descriptors, *, max_unrouted_tokens,
-                 **options):
+def expectations(q, k, v, query_meta, meta, table, descriptors, *, max_unrouted_tokens, **options):
     """Reference and xla outputs, the selection, which slots each head sees and the lse.
 
     ``seen`` [batch, 1, heads, kv_len] is the reference mask; ``lse`` [batch, 1, heads] the
     log-sum-exp of the seen logits.
     """
     args = (q, k, v, query_meta, meta, table)
-    expected, selection = gaze_attention(*args, descriptors=descriptors, return_selection=True,
-                                         **options)
-    by_xla = gaze_attention(*args, descriptors=descriptors, implementation="xla",
-                            max_unrouted_tokens=max_unrouted_tokens, **options)
+    expected, selection = gaze_attention(
+        *args, descriptors=descriptors, return_selection=True, **options
+    )
+    by_xla = gaze_attention(
+        *args,
+        descriptors=descriptors,
+        implementation="xla",
+        max_unrouted_tokens=max_unrouted_tokens,
+        **options,
+    )
     selected = reference.selected_tokens(selection, meta.region, table.num_regions)
     seen = visibility(query_meta, meta, selected)
     group = q.shape[2] // k.shape[2]
@@ -72,8 +101,18 @@ class Step:
     Keys, values and queries are random per slot; ``descriptors`` are the clean keys' means.
     """
 
-    def __init__(self, samples, region_size, slots, heads, kv_heads, head_dim, num_context=2,
-                 pad_regions=False, seed=0):
+    def __init__(
+        self,
+        samples,
+        region_size,
+        slots,
+        heads,
+        kv_heads,
+        head_dim,
+        num_context=2,
+        pad_regions=False,
+        seed=0,
+    ):
         layouts = [build_layout(s, region_size, num_context, pad_regions) for s in samples]
         self.meta, self.table = batch_layouts(layouts)
         batch, length = self.meta.kind.shape
@@ -126,8 +165,12 @@ IMAGE_TEXT_PADDING = (
 
 def image_text_padding():
     step = Step(*IMAGE_TEXT_PADDING, slots=[0] * 4, heads=2, kv_heads=2, head_dim=64)
-    slots = [step.slot(0, TokenKind.TEXT), step.slot(1, TokenKind.TEXT, 3),
-             step.slot(2, TokenKind.TEXT, 2), step.slot(3, TokenKind.PADDING, 0)]
+    slots = [
+        step.slot(0, TokenKind.TEXT),
+        step.slot(1, TokenKind.TEXT, 3),
+        step.slot(2, TokenKind.TEXT, 2),
+        step.slot(3, TokenKind.PADDING, 0),
+    ]
     return Step(*IMAGE_TEXT_PADDING, slots=slots, heads=2, kv_heads=2, head_dim=64, seed=1)
 
 
@@ -151,8 +194,11 @@ def tied_video():
 def every_query_kind():
     samples = [[T(2), V(4, 4), T(3)], [T(3), V(2, 6), T(2)], [T(1), V(4, 4), T(2)]]
     step = Step(samples, (2, 2), [0] * 3, 8, 1, 128)
-    slots = [step.slot(0, TokenKind.VISUAL, 7), step.slot(1, TokenKind.CONTEXT, 0),
-             step.slot(2, TokenKind.TEXT)]
+    slots = [
+        step.slot(0, TokenKind.VISUAL, 7),
+        step.slot(1, TokenKind.CONTEXT, 0),
+        step.slot(2, TokenKind.TEXT),
+    ]
     return Step(samples, (2, 2), slots, 8, 1, 128, seed=4)
 
 
@@ -187,8 +233,17 @@ def test_decode_equals_reference_and_xla(name):
         unseen = ~np.asarray(seen).any(axis=(1, 2))[..., None, None]
         k, v = (np.where(unseen, np.nan, x) for x in (k, v))
     for backend in BACKENDS:
-        out, got = attend(q, k, v, *metadata, selection, routing=route, scale=step.scale,
-                          max_unrouted_tokens=bound, backend=backend)
+        out, got = attend(
+            q,
+            k,
+            v,
+            *metadata,
+            selection,
+            routing=route,
+            scale=step.scale,
+            max_unrouted_tokens=bound,
+            backend=backend,
+        )
         assert out.dtype == got.dtype == jnp.float32
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=backend)
         np.testing.assert_allclose(got, lse, rtol=1e-5, atol=1e-5, err_msg=backend)
@@ -202,12 +257,23 @@ def test_bfloat16_decode_matches_the_reference():
     options = dict(top_k=2, routing="per_head")
     expected, _, selection, _, _ = step.expectations(max_unrouted_tokens=8, **options)
     for backend in BACKENDS:
-        out, chosen = decode(*step.args, step.descriptors(), scale=step.scale,
-                             max_unrouted_tokens=8, backend=backend, **options)
+        out, chosen = decode(
+            *step.args,
+            step.descriptors(),
+            scale=step.scale,
+            max_unrouted_tokens=8,
+            backend=backend,
+            **options,
+        )
         assert out.dtype == jnp.bfloat16
         np.testing.assert_array_equal(chosen.region, selection.region)
-        np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32),
-                                   rtol=1e-2, atol=1e-2, err_msg=backend)
+        np.testing.assert_allclose(
+            out.astype(np.float32),
+            expected.astype(np.float32),
+            rtol=1e-2,
+            atol=1e-2,
+            err_msg=backend,
+        )
 
 
 def test_unrouted_bound_reads_the_first_slots_like_xla():
@@ -215,12 +281,11 @@ def test_unrouted_bound_reads_the_first_slots_like_xla():
     options = dict(top_k=2, routing="shared", max_unrouted_tokens=5)
     kind = np.asarray(step.meta.kind)
     assert (np.isin(kind, (TokenKind.TEXT, TokenKind.CONTEXT)).sum(axis=1) > 5).all()
-    by_xla = jax.jit(gaze_attention, static_argnames=("top_k", "routing", "implementation",
-                                                      "max_unrouted_tokens"))(
-        *step.args, descriptors=step.descriptors(), implementation="xla", **options
-    )
-    out, _ = decode(*step.args, step.descriptors(), scale=step.scale, backend="triton",
-                    **options)
+    by_xla = jax.jit(
+        gaze_attention,
+        static_argnames=("top_k", "routing", "implementation", "max_unrouted_tokens"),
+    )(*step.args, descriptors=step.descriptors(), implementation="xla", **options)
+    out, _ = decode(*step.args, step.descriptors(), scale=step.scale, backend="triton", **options)
     np.testing.assert_allclose(out, by_xla, rtol=1e-5, atol=1e-5)
 
 
@@ -230,8 +295,15 @@ def test_a_text_only_batch_has_no_region_slots():
     assert step.table.num_regions == 0
     expected, *_ = step.expectations(top_k=2, routing="per_head", max_unrouted_tokens=8)
     for backend in BACKENDS:
-        out, _ = decode(*step.args, step.descriptors(), top_k=2, routing="per_head",
-                        scale=step.scale, max_unrouted_tokens=8, backend=backend)
+        out, _ = decode(
+            *step.args,
+            step.descriptors(),
+            top_k=2,
+            routing="per_head",
+            scale=step.scale,
+            max_unrouted_tokens=8,
+            backend=backend,
+        )
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=backend)
 
 
@@ -304,8 +376,13 @@ def test_kernels_lower_for_their_platform(backend, platform, call):
     descriptors = jnp.zeros((batch, table.num_regions, kv_heads, head_dim), jnp.float32)
     query_meta = jax.tree.map(lambda x: x[:, -1:], meta)
     step = functools.partial(
-        select_and_attend, top_k=2, routing="per_head", scale=0.1,
-        max_unrouted_tokens=16, backend=backend, interpret=False,
+        select_and_attend,
+        top_k=2,
+        routing="per_head",
+        scale=0.1,
+        max_unrouted_tokens=16,
+        backend=backend,
+        interpret=False,
     )
     lowered = jax.jit(step).trace(query, cache, cache, query_meta, meta, table, descriptors)
     text = lowered.lower(lowering_platforms=(platform,)).as_text()

@@ -30,8 +30,22 @@ def make_case(samples, region_size, heads, head_dim, dtype, pad_regions=False, s
 @functools.partial(
     jax.jit, static_argnames=("implementation", "top_k", "route", "block_q", "block_kv")
 )
-def run(q, k, v, weights, query_meta, kv_meta, table, descriptors, *, implementation, top_k,
-        route, block_q=None, block_kv=None):
+def run(
+    q,
+    k,
+    v,
+    weights,
+    query_meta,
+    kv_meta,
+    table,
+    descriptors,
+    *,
+    implementation,
+    top_k,
+    route,
+    block_q=None,
+    block_kv=None,
+):
     """(out, lse, (dq, dk, dv)) for one implementation, given the dispatcher's selection.
 
     The gradients are those of ``sum(out * weights) + sum(lse * weights[..., 0])`` (``lse``
@@ -42,12 +56,12 @@ def run(q, k, v, weights, query_meta, kv_meta, table, descriptors, *, implementa
     if implementation == "reference":
         attend = reference.attend_selected_reference
     else:
-        attend = functools.partial(attend_selected_pallas_train, block_q=block_q,
-                                   block_kv=block_kv)
+        attend = functools.partial(attend_selected_pallas_train, block_q=block_q, block_kv=block_kv)
 
     def loss(q, k, v):
-        out, lse = attend(q, k, v, query_meta, kv_meta, table, selection, routing=route,
-                          scale=q.shape[-1] ** -0.5)
+        out, lse = attend(
+            q, k, v, query_meta, kv_meta, table, selection, routing=route, scale=q.shape[-1] ** -0.5
+        )
         lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0) * weights[..., 0]
         return jnp.sum(out.astype(jnp.float32) * weights) + jnp.sum(lse_term), (out, lse)
 
@@ -67,35 +81,106 @@ def assert_close(actual, expected, tol):
 #        (block_q, block_kv), first query slot, tie descriptors)
 CASES = {
     "gqa1 d64 K=1 two images": (
-        [[TextSegment(3), VisualSegment(4, 4), TextSegment(3), VisualSegment(3, 5),
-          TextSegment(4)]],
-        (2, 2), False, (2, 2), 64, jnp.float32, 1, "per_head", (8, 16), 0, False,
+        [
+            [
+                TextSegment(3),
+                VisualSegment(4, 4),
+                TextSegment(3),
+                VisualSegment(3, 5),
+                TextSegment(4),
+            ]
+        ],
+        (2, 2),
+        False,
+        (2, 2),
+        64,
+        jnp.float32,
+        1,
+        "per_head",
+        (8, 16),
+        0,
+        False,
     ),
     "gqa2 d128 K=all shared, padded regions, ragged batch": (
-        [[TextSegment(2), VisualSegment(5, 5), TextSegment(4)],
-         [TextSegment(3), VisualSegment(3, 3), TextSegment(2)]],
-        (2, 2), True, (4, 2), 128, jnp.float32, "all", "shared", (16, 8), 0, False,
+        [
+            [TextSegment(2), VisualSegment(5, 5), TextSegment(4)],
+            [TextSegment(3), VisualSegment(3, 3), TextSegment(2)],
+        ],
+        (2, 2),
+        True,
+        (4, 2),
+        128,
+        jnp.float32,
+        "all",
+        "shared",
+        (16, 8),
+        0,
+        False,
     ),
     "gqa4 d128 K>regions bf16 ragged edges": (
         [[TextSegment(2), VisualSegment(5, 7), TextSegment(5)]],
-        (3, 3), False, (4, 1), 128, jnp.bfloat16, 9, "per_head", (8, 8), 0, False,
+        (3, 3),
+        False,
+        (4, 1),
+        128,
+        jnp.bfloat16,
+        9,
+        "per_head",
+        (8, 8),
+        0,
+        False,
     ),
     "gqa8 d64 K=2 shared ties, video, text-only sample, query suffix": (
-        [[TextSegment(2), VisualSegment(3, 4, frames=2), TextSegment(6)],
-         [TextSegment(12)]],
-        (2, 2, 1), False, (8, 1), 64, jnp.float32, 2, "shared", (8, 16), 9, True,
+        [[TextSegment(2), VisualSegment(3, 4, frames=2), TextSegment(6)], [TextSegment(12)]],
+        (2, 2, 1),
+        False,
+        (8, 1),
+        64,
+        jnp.float32,
+        2,
+        "shared",
+        (8, 16),
+        9,
+        True,
     ),
     "gqa2 d64 K=3 bf16 per_head, padded regions": (
-        [[TextSegment(3), VisualSegment(4, 6), TextSegment(2), VisualSegment(2, 2),
-          TextSegment(4)]],
-        (2, 2), True, (2, 1), 64, jnp.bfloat16, 3, "per_head", (16, 16), 0, True,
+        [
+            [
+                TextSegment(3),
+                VisualSegment(4, 6),
+                TextSegment(2),
+                VisualSegment(2, 2),
+                TextSegment(4),
+            ]
+        ],
+        (2, 2),
+        True,
+        (2, 1),
+        64,
+        jnp.bfloat16,
+        3,
+        "per_head",
+        (16, 16),
+        0,
+        True,
     ),
 }
 
 
 def prepare(name):
-    (samples, region_size, pad_regions, heads, head_dim, dtype, top_k, route, blocks, first,
-     ties) = CASES[name]
+    (
+        samples,
+        region_size,
+        pad_regions,
+        heads,
+        head_dim,
+        dtype,
+        top_k,
+        route,
+        blocks,
+        first,
+        ties,
+    ) = CASES[name]
     meta, table, q, k, v, weights = make_case(
         samples, region_size, heads, head_dim, dtype, pad_regions, seed=len(name)
     )
@@ -193,7 +278,15 @@ def test_block_sizes_must_be_powers_of_two():
     selection = routing.select_regions(q, descriptors, allowed, top_k=1, routing="per_head")
     with pytest.raises(ValueError, match="block_q"):
         attend_selected_pallas_train(
-            q, k, v, query_meta, kv_meta, table, selection, routing="per_head", scale=0.1,
+            q,
+            k,
+            v,
+            query_meta,
+            kv_meta,
+            table,
+            selection,
+            routing="per_head",
+            scale=0.1,
             block_q=12,
         )
 
@@ -208,13 +301,24 @@ def test_lowers_for_tpu_and_gpu(platform):
     samples = [[TextSegment(5), VisualSegment(12, 12), TextSegment(40)]]
     meta, table, q, k, v, _ = make_case(samples, (6, 6), (4, 2), 128, jnp.bfloat16, True)
     descriptors = routing.region_descriptors(k, meta, table.num_regions)
-    selection = routing.select_regions(q, descriptors, routing.routable(meta, table), top_k=2,
-                                       routing="per_head")
+    selection = routing.select_regions(
+        q, descriptors, routing.routable(meta, table), top_k=2, routing="per_head"
+    )
 
     def forward(q, k, v):
         return attend_selected_pallas_train(
-            q, k, v, meta, meta, table, selection, routing="per_head", scale=0.1,
-            block_q=64, block_kv=128, interpret=False,
+            q,
+            k,
+            v,
+            meta,
+            meta,
+            table,
+            selection,
+            routing="per_head",
+            scale=0.1,
+            block_q=64,
+            block_kv=128,
+            interpret=False,
         )[0]
 
     def backward(q, k, v):

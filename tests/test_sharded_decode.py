@@ -55,8 +55,13 @@ IMAGE_AND_VIDEO = [
     VisualSegment(4, 4, frames=3),
     TextSegment(5),
 ]
-TEXT_AROUND = [TextSegment(24), VisualSegment(4, 6), TextSegment(3), VisualSegment(3, 3),
-               TextSegment(40)]
+TEXT_AROUND = [
+    TextSegment(24),
+    VisualSegment(4, 6),
+    TextSegment(3),
+    VisualSegment(3, 3),
+    TextSegment(40),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +89,14 @@ SPECS = {
     "K=1, shared: shards with no region selected": Spec(top_k=1, routing="shared", seed=1),
     "K=all, GQA 4": Spec(top_k=21, num_heads=8, seed=2),
     "K>regions, GQA 1, shared": Spec(top_k=40, num_heads=2, routing="shared", seed=3),
-    "text-only shards, bounded unrouted": Spec(samples=(TEXT_AROUND,), top_k=2, bounded=True,
-                                               seed=4),
+    "text-only shards, bounded unrouted": Spec(
+        samples=(TEXT_AROUND,), top_k=2, bounded=True, seed=4
+    ),
     "ties across shards, K=all": Spec(ties="copied", top_k=21, seed=5),
     "all scores tied, shared": Spec(ties="all", routing="shared", seed=6),
-    "batch of 2 on a data x sequence mesh": Spec(samples=(IMAGE_AND_VIDEO, TEXT_AROUND), top_k=2,
-                                                 mesh_shape=(2, 4), seed=7),
+    "batch of 2 on a data x sequence mesh": Spec(
+        samples=(IMAGE_AND_VIDEO, TEXT_AROUND), top_k=2, mesh_shape=(2, 4), seed=7
+    ),
     "bfloat16": Spec(dtype="bfloat16", seed=8),
     "descriptors from the local keys": Spec(descriptors=False, seed=9),
     "context query (own unit, across shards)": Spec(query_kind=TokenKind.CONTEXT, seed=10),
@@ -107,8 +114,9 @@ PALLAS_SPECS = (
 def build(spec: Spec):
     """Inputs of one decode step on a layout sharded over the mesh's sequence axis."""
     num_shards = spec.mesh_shape[-1]
-    layouts = shard_layouts([build_layout(s, spec.region_size, 2) for s in spec.samples],
-                            num_shards)
+    layouts = shard_layouts(
+        [build_layout(s, spec.region_size, 2) for s in spec.samples], num_shards
+    )
     kv_meta, table = batch_layouts(layouts)
     rng = np.random.default_rng(spec.seed)
     dtype = jnp.dtype(spec.dtype)
@@ -125,8 +133,11 @@ def build(spec: Spec):
     if spec.ties == "copied":  # region 0's descriptor onto a region of every other shard
         owners = np.arange(table.num_regions) // (table.num_regions // num_shards)
         used = np.asarray(table.length[0]) > 0
-        targets = [int(np.flatnonzero(used & (owners == s))[-1]) for s in range(1, num_shards)
-                   if (used & (owners == s)).any()]
+        targets = [
+            int(np.flatnonzero(used & (owners == s))[-1])
+            for s in range(1, num_shards)
+            if (used & (owners == s)).any()
+        ]
         descriptors = descriptors.at[:, np.asarray(targets)].set(descriptors[:, :1])
     elif spec.ties == "all":
         descriptors = jnp.zeros_like(descriptors)
@@ -150,8 +161,16 @@ def make_mesh(shape):
 
 decode = jax.jit(
     sharded_gaze_decode,
-    static_argnames=("mesh", "top_k", "axis", "batch_axis", "routing", "scale",
-                     "implementation", "max_unrouted_tokens"),
+    static_argnames=(
+        "mesh",
+        "top_k",
+        "axis",
+        "batch_axis",
+        "routing",
+        "scale",
+        "implementation",
+        "max_unrouted_tokens",
+    ),
 )
 oracle = jax.jit(gaze_attention, static_argnames=("top_k", "routing", "return_selection"))
 
@@ -161,8 +180,13 @@ def check_against_unsharded(spec: Spec, implementation: str) -> None:
     query, key, value, query_meta, kv_meta, table = data["inputs"]
     num_shards = spec.mesh_shape[-1]
     check_sharded_layout(kv_meta, table, num_shards)
-    expected, chosen = oracle(*data["inputs"], top_k=spec.top_k, routing=spec.routing,
-                              descriptors=data["descriptors"], return_selection=True)
+    expected, chosen = oracle(
+        *data["inputs"],
+        top_k=spec.top_k,
+        routing=spec.routing,
+        descriptors=data["descriptors"],
+        return_selection=True,
+    )
     out, selection = decode(
         *data["inputs"],
         data["descriptors"] if spec.descriptors else None,
@@ -175,8 +199,9 @@ def check_against_unsharded(spec: Spec, implementation: str) -> None:
     )
     assert out.dtype == query.dtype and out.shape == query.shape
     tolerance = 1e-2 if spec.dtype == "bfloat16" else 1e-5
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
-                               atol=tolerance, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=tolerance, rtol=0
+    )
     np.testing.assert_array_equal(selection.region, chosen.region)
     np.testing.assert_array_equal(selection.valid, chosen.valid)
     assert_coverage(spec, data, chosen, num_shards)
@@ -208,8 +233,12 @@ def assert_coverage(spec: Spec, data, chosen, num_shards: int) -> None:
 def check_only_small_collectives(implementation: str) -> None:
     """Keys and values stay on their shard: the step's collectives carry [.., K] candidates
     and [b, 1, h, d + 1] partial results only, in the traced body and in the compiled HLO."""
-    spec = Spec(samples=([TextSegment(5), VisualSegment(12, 12), TextSegment(7)],),
-                region_size=(3, 3), head_dim=16, top_k=3)
+    spec = Spec(
+        samples=([TextSegment(5), VisualSegment(12, 12), TextSegment(7)],),
+        region_size=(3, 3),
+        head_dim=16,
+        top_k=3,
+    )
     data = build(spec)
     query, key, value, query_meta, kv_meta, table = data["inputs"]
     mesh = make_mesh(spec.mesh_shape)
@@ -220,18 +249,30 @@ def check_only_small_collectives(implementation: str) -> None:
     batch, _, heads, dim = query.shape
     local_k = min(spec.top_k, table.num_regions // NUM_DEVICES)
 
-    collectives = {"all_gather", "psum", "pmax", "psum_invariant", "ppermute", "all_to_all",
-                   "reduce_scatter", "psum_scatter", "all_gather_invariant", "pbroadcast"}
+    collectives = {
+        "all_gather",
+        "psum",
+        "pmax",
+        "psum_invariant",
+        "ppermute",
+        "all_to_all",
+        "reduce_scatter",
+        "psum_scatter",
+        "all_gather_invariant",
+        "pbroadcast",
+    }
     found = sorted(
         (eqn.primitive.name, tuple(eqn.invars[0].aval.shape))
         for eqn in iter_eqns(jax.make_jaxpr(lambda *a: decode(*a, **options))(*args).jaxpr)
         if eqn.primitive.name in collectives
     )
-    assert found == sorted([
-        ("all_gather", (batch, 1, heads, local_k, 2)),
-        ("pmax", (batch, 1, heads)),
-        ("psum", (batch, 1, heads, dim + 1)),
-    ]), found
+    assert found == sorted(
+        [
+            ("all_gather", (batch, 1, heads, local_k, 2)),
+            ("pmax", (batch, 1, heads)),
+            ("psum", (batch, 1, heads, dim + 1)),
+        ]
+    ), found
 
     hlo = decode.lower(*args, **options).compile().as_text()
     limit = max(batch * heads * NUM_DEVICES * local_k * 2, batch * heads * (dim + 1))
@@ -257,11 +298,16 @@ def iter_eqns(jaxpr):
 
 
 MESH_CHECKS = {
-    **{f"{name} [{impl}]": (check_against_unsharded, spec, impl)
-       for name, spec in SPECS.items() for impl in IMPLEMENTATIONS
-       if impl != "pallas" or name in PALLAS_SPECS},
-    **{f"only small collectives [{impl}]": (check_only_small_collectives, impl)
-       for impl in ("reference", "xla")},  # the exchange is sharded.py's, whatever attends
+    **{
+        f"{name} [{impl}]": (check_against_unsharded, spec, impl)
+        for name, spec in SPECS.items()
+        for impl in IMPLEMENTATIONS
+        if impl != "pallas" or name in PALLAS_SPECS
+    },
+    **{
+        f"only small collectives [{impl}]": (check_only_small_collectives, impl)
+        for impl in ("reference", "xla")
+    },  # the exchange is sharded.py's, whatever attends
 }
 
 
@@ -280,13 +326,23 @@ def run_mesh_checks() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def mesh_results():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-    result = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
-                            text=True, env=env, timeout=600, cwd=root)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=root,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+    )
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=root,
+    )
     lines = [x for x in result.stdout.splitlines() if x.startswith(RESULTS_TAG)]
     assert result.returncode == 0 and lines, result.stderr[-4000:]
-    return json.loads(lines[-1][len(RESULTS_TAG):])
+    return json.loads(lines[-1][len(RESULTS_TAG) :])
 
 
 @pytest.mark.parametrize("name", MESH_CHECKS)
@@ -299,8 +355,11 @@ def test_on_8_devices(mesh_results, name):
 
 
 def _by_position(layout: SequenceLayout) -> dict[int, tuple[int, int, int]]:
-    return {int(p): (int(k), int(u), int(r)) for k, u, r, p in
-            zip(layout.kind, layout.unit, layout.region, layout.position, strict=True) if p >= 0}
+    return {
+        int(p): (int(k), int(u), int(r))
+        for k, u, r, p in zip(layout.kind, layout.unit, layout.region, layout.position, strict=True)
+        if p >= 0
+    }
 
 
 @pytest.mark.parametrize("pad_regions", [False, True])
@@ -328,8 +387,10 @@ def test_shard_layouts_keep_tokens_and_place_whole_regions(pad_regions):
                 assert g // regions_per_shard == slots[0] // (after.length // 4)
         if pad_regions:  # every region keeps its m slots (with its padding) on one shard
             start = after.region_start[after.region_length > 0]
-            assert np.all(start // (after.length // 4) ==
-                          (start + before.region_capacity - 1) // (after.length // 4))
+            assert np.all(
+                start // (after.length // 4)
+                == (start + before.region_capacity - 1) // (after.length // 4)
+            )
 
 
 def test_shard_layout_options_and_errors():
@@ -346,8 +407,9 @@ def test_shard_layout_options_and_errors():
     meta, table = batch_layouts([layout])  # not sharded: regions straddle shard boundaries
     with pytest.raises(ValueError, match="straddles|outside"):
         check_sharded_layout(
-            jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8)),
-                                           constant_values=-1), meta),
+            jax.tree.map(
+                lambda x: jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8)), constant_values=-1), meta
+            ),
             jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8))), table),
             8,
         )
@@ -372,16 +434,37 @@ def test_attend_selected_returns_normalised_output_and_lse(routing_kind):
     query, key, value, query_meta, kv_meta, table = data["inputs"]
     # A second query row that sees nothing (padding): out 0, lse -inf.
     nothing = jax.tree.map(lambda x: x.at[1].set(-1), query_meta)
-    expected, selection = oracle(query, key, value, nothing, kv_meta, table, top_k=3,
-                                 routing=routing_kind, descriptors=data["descriptors"],
-                                 return_selection=True)
+    expected, selection = oracle(
+        query,
+        key,
+        value,
+        nothing,
+        kv_meta,
+        table,
+        top_k=3,
+        routing=routing_kind,
+        descriptors=data["descriptors"],
+        return_selection=True,
+    )
     scale = spec.head_dim**-0.5
     results = [
         jax.jit(f, static_argnames=("routing", "scale", "max_unrouted_tokens"))(
-            query, key, value, nothing, kv_meta, table, selection, routing=routing_kind,
-            scale=scale, max_unrouted_tokens=bound)
-        for f, bound in ((attend_selected_reference, None), (attend_selected_xla, None),
-                         (attend_selected_xla, data["bound"]))
+            query,
+            key,
+            value,
+            nothing,
+            kv_meta,
+            table,
+            selection,
+            routing=routing_kind,
+            scale=scale,
+            max_unrouted_tokens=bound,
+        )
+        for f, bound in (
+            (attend_selected_reference, None),
+            (attend_selected_xla, None),
+            (attend_selected_xla, data["bound"]),
+        )
     ]
     lse_naive = naive_lse(query, key, nothing, kv_meta, selection, scale)
     for out, lse in results:
@@ -403,8 +486,9 @@ def naive_lse(query, key, query_meta: TokenMeta, kv_meta: TokenMeta, selection, 
             continue
         for h in range(heads):
             chosen = np.asarray(selection.region[b, 0, h])[np.asarray(selection.valid[b, 0, h])]
-            sees = (((kind[b] == TokenKind.TEXT) | (kind[b] == TokenKind.CONTEXT))
-                    & (pos[b] <= int(query_meta.position[b, 0])))
+            sees = ((kind[b] == TokenKind.TEXT) | (kind[b] == TokenKind.CONTEXT)) & (
+                pos[b] <= int(query_meta.position[b, 0])
+            )
             sees |= (kind[b] == TokenKind.VISUAL) & np.isin(region[b], chosen)
             logits = k[b, sees, h // group] @ q[b, 0, h] * scale
             lse[b, 0, h] = np.log(np.exp(logits - logits.max()).sum()) + logits.max()

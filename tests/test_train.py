@@ -338,8 +338,15 @@ TARGET_SINGLE_REGION = 0.75  # colour questions, and shape questions
 def test_synthetic_default_reaches_the_readme_target(tmp_path):
     """The full default run (about 8 minutes on 2 cores): the accuracy the README states."""
     result = _run(
-        [sys.executable, "-m", "gazejax.train", "--config", "configs/synthetic.py",
-         "--workdir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "gazejax.train",
+            "--config",
+            "configs/synthetic.py",
+            "--workdir",
+            str(tmp_path),
+        ],
         timeout=2400,  # 8 minutes alone; allow for a busy machine
     )
     assert result.returncode == 0, result.stderr[-3000:]

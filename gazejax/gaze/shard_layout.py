@@ -55,8 +55,10 @@ def shard_layouts(
             f"the samples do not fit {num_shards} shards of shard_length={shard_length} slots "
             "without splitting a region"
         )
-    counts = [_regions_per_block(layout, sizes, blocks, num_shards)
-              for layout, sizes, blocks in zip(layouts, atoms, placed, strict=True)]
+    counts = [
+        _regions_per_block(layout, sizes, blocks, num_shards)
+        for layout, sizes, blocks in zip(layouts, atoms, placed, strict=True)
+    ]
     needed = max(max(int(c.max()) for c in counts), 1)
     regions_per_shard = needed if regions_per_shard is None else regions_per_shard
     if regions_per_shard < needed:
@@ -135,8 +137,9 @@ def _relayout(layout, sizes, blocks, num_shards, shard_length, regions_per_shard
     region = layout.region.copy()
     for block in range(num_shards):
         here = (slot_block == block) & (region >= 0)
-        _, first_slot, index = np.unique(layout.region[here], return_index=True,
-                                         return_inverse=True)
+        _, first_slot, index = np.unique(
+            layout.region[here], return_index=True, return_inverse=True
+        )
         rank = np.argsort(np.argsort(first_slot))  # ids in order of their first slot
         region[here] = block * regions_per_shard + rank[index]
 

@@ -168,7 +168,6 @@ def generate_answer(
     )
 
 
-
 # --- The text-only decoder on token ids --------------------------------------------------------
 
 

@@ -135,4 +135,3 @@ def load_visuals(
         frames, _ = read_video(path, image_size=image_size, max_frames=max_frames, fps=fps)
         out.append(frames)
     return out
-

@@ -48,8 +48,18 @@ def attend_selected_pallas(
     """The Pallas kernels with their defaults: decode when ``q_len == 1``, else the flash
     training kernel (Mosaic on TPU, Triton on GPU, the interpreter on CPU)."""
     attend = attend_selected_pallas_decode if query.shape[1] == 1 else attend_selected_pallas_train
-    return attend(query, key, value, query_meta, kv_meta, table, selection, routing=routing,
-                  scale=scale, max_unrouted_tokens=max_unrouted_tokens)
+    return attend(
+        query,
+        key,
+        value,
+        query_meta,
+        kv_meta,
+        table,
+        selection,
+        routing=routing,
+        scale=scale,
+        max_unrouted_tokens=max_unrouted_tokens,
+    )
 
 
 # ``"reference"``: masked dense attention from per-token metadata, the oracle. ``"xla"``: decode
@@ -131,7 +141,15 @@ def gaze_attention(
         query, descriptors, allowed, top_k=top_k, routing=routing
     )
     out, _ = ATTEND_SELECTED[implementation](
-        query, key, value, query_meta, kv_meta, regions, selection, routing=routing, scale=scale,
+        query,
+        key,
+        value,
+        query_meta,
+        kv_meta,
+        regions,
+        selection,
+        routing=routing,
+        scale=scale,
         max_unrouted_tokens=max_unrouted_tokens,
     )
     out = out.astype(query.dtype)

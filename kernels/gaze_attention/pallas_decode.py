@@ -118,8 +118,16 @@ def attend_selected_pallas_decode(
     regions = _selected_regions(table, selection, num_kv_heads, routing)
     q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
     call = _triton_call if triton else _mosaic_call
-    out, lse = call(pieces, regions, q, _at_least(key, tile), _at_least(value, tile),
-                    scale=scale, tile=tile, interpret=interpret)
+    out, lse = call(
+        pieces,
+        regions,
+        q,
+        _at_least(key, tile),
+        _at_least(value, tile),
+        scale=scale,
+        tile=tile,
+        interpret=interpret,
+    )
     if max_unrouted_tokens is None:
         state = xla.unrouted_state(query, key, value, query_meta, kv_meta, scale, None)
         out, lse = _merge(out, lse, state)
@@ -152,8 +160,9 @@ def _at_least(cache: jax.Array, rows: int) -> jax.Array:
     return cache if pad <= 0 else jnp.pad(cache, [(0, 0), (0, pad)] + [(0, 0)] * (cache.ndim - 2))
 
 
-def _unrouted_pieces(query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tokens: int,
-                     tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _unrouted_pieces(
+    query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tokens: int, tile: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The visible text/context slots as pieces of at most ``tile`` consecutive slots.
 
     The slots are those the xla decode reads: the first ``max_unrouted_tokens`` text and context
@@ -183,8 +192,9 @@ def _unrouted_pieces(query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tok
     return count, start.astype(jnp.int32), length.astype(jnp.int32)
 
 
-def _selected_regions(table: RegionTable, selection: Selection, num_kv_heads: int,
-                      routing: routing_lib.Routing):
+def _selected_regions(
+    table: RegionTable, selection: Selection, num_kv_heads: int, routing: routing_lib.Routing
+):
     """The distinct regions each GQA group selected, with the query heads that use each.
 
     Returns:
@@ -247,8 +257,11 @@ def _accumulate(state, q, keys, values, offset, length, heads, scale):
     row = lax.broadcasted_iota(jnp.int32, (rows, tile), 0)
     mask = (token >= offset) & (token < offset + length) & (((heads >> row) & 1) == 1)
     logits = lax.dot_general(
-        q, keys.astype(jnp.float32), (((1,), (1,)), ((), ())),
-        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+        q,
+        keys.astype(jnp.float32),
+        (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     logits = jnp.where(mask, logits * scale, -jnp.inf)
     new_peak = jnp.maximum(peak, logits.max(axis=1, keepdims=True))
@@ -259,17 +272,26 @@ def _accumulate(state, q, keys, values, offset, length, heads, scale):
     inside = (inside >= offset) & (inside < offset + length)
     values = jnp.where(inside, values.astype(jnp.float32), 0.0)  # tails may hold anything
     contribution = lax.dot_general(
-        weights, values, (((1,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+        weights,
+        values,
+        (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
     )
-    return (new_peak, rescale * total + weights.sum(axis=1, keepdims=True),
-            rescale * acc + contribution)
+    return (
+        new_peak,
+        rescale * total + weights.sum(axis=1, keepdims=True),
+        rescale * acc + contribution,
+    )
 
 
 def _empty_state(rows: int, head_dim: int):
     """The online-softmax state of no keys: ``(peak [rows, 1], total [rows, 1], acc)``."""
-    return (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
+    return (
+        jnp.full((rows, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+        jnp.zeros((rows, head_dim), jnp.float32),
+    )
 
 
 def _finish(state):
@@ -290,9 +312,29 @@ def _segment(i, unrouted, piece, region):
     return tuple(jnp.where(routed, r, p) for p, r in zip(from_piece, from_region, strict=True))
 
 
-def _mosaic_kernel(piece_count, piece_start, piece_length, region_count, region_start,
-                   region_length, region_heads, q_ref, k_hbm, v_hbm, out_ref, lse_ref, k_buf,
-                   v_buf, k_sems, v_sems, *, scale, num_kv_heads, pieces, union):
+def _mosaic_kernel(
+    piece_count,
+    piece_start,
+    piece_length,
+    region_count,
+    region_start,
+    region_length,
+    region_heads,
+    q_ref,
+    k_hbm,
+    v_hbm,
+    out_ref,
+    lse_ref,
+    k_buf,
+    v_buf,
+    k_sems,
+    v_sems,
+    *,
+    scale,
+    num_kv_heads,
+    pieces,
+    union,
+):
     """One (sample, KV head): a double-buffered DMA loop over its segments.
 
     Scalar prefetch (SMEM, flattened): ``piece_*`` [batch(·pieces)], ``region_*``
@@ -349,7 +391,10 @@ def _mosaic_call(pieces, regions, q, key, value, *, scale, tile, interpret):
     rows = pl.BlockSpec((None, None, group, head_dim), lambda b, j, *_: (b, j, 0, 0))
     stats = pl.BlockSpec((None, None, group, 1), lambda b, j, *_: (b, j, 0, 0))
     kernel = functools.partial(
-        _mosaic_kernel, scale=scale, num_kv_heads=num_kv_heads, pieces=pieces[1].shape[-1],
+        _mosaic_kernel,
+        scale=scale,
+        num_kv_heads=num_kv_heads,
+        pieces=pieces[1].shape[-1],
         union=regions[1].shape[-1],
     )
     out, lse = pl.pallas_call(
@@ -366,8 +411,10 @@ def _mosaic_call(pieces, regions, q, key, value, *, scale, tile, interpret):
                 pltpu.SemaphoreType.DMA((2,)),
             ],
         ),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                   jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="gaze_decode",
@@ -375,9 +422,24 @@ def _mosaic_call(pieces, regions, q, key, value, *, scale, tile, interpret):
     return out, lse[..., 0]
 
 
-def _triton_kernel(piece_count, piece_start, piece_length, region_count, region_start,
-                   region_length, region_heads, q_ref, k_ref, v_ref, out_ref, lse_ref, *, scale,
-                   group, tile):
+def _triton_kernel(
+    piece_count,
+    piece_start,
+    piece_length,
+    region_count,
+    region_start,
+    region_length,
+    region_heads,
+    q_ref,
+    k_ref,
+    v_ref,
+    out_ref,
+    lse_ref,
+    *,
+    scale,
+    group,
+    tile,
+):
     """One (sample, KV head): a loop of tile loads over its segments.
 
     ``piece_*``: [batch(, pieces)]; ``region_*``: [batch, kv_heads(, union)]; ``q_ref``,
@@ -419,8 +481,10 @@ def _triton_call(pieces, regions, q, key, value, *, scale, tile, interpret):
     out, lse = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                   jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32),
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="gaze_decode",

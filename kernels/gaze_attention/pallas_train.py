@@ -159,8 +159,14 @@ def attend_selected_pallas_train(
         q_plan=q_plan,
         kv_plan=kv_plan,
     )
-    config = _Config(scale=float(scale), block_q=block_q, block_kv=block_kv,
-                     top_k=region.shape[-1], group=group, interpret=bool(interpret))
+    config = _Config(
+        scale=float(scale),
+        block_q=block_q,
+        block_kv=block_kv,
+        top_k=region.shape[-1],
+        group=group,
+        interpret=bool(interpret),
+    )
     q = _pad_axis(query, 1, q_pad, 0).transpose(0, 2, 1, 3)
     k, v = (_pad_axis(x, 1, kv_pad, 0).transpose(0, 2, 1, 3) for x in (key, value))
     out, lse = _flash(config, q, k, v, aux)
@@ -217,9 +223,9 @@ def tile_codes(
     k_unit_holder = (k_kind == TokenKind.VISUAL) | (k_kind == TokenKind.CONTEXT)
     text_q = most(q_pos, q_kind == TokenKind.TEXT)[:, :, None]
     visual_q = most(q_pos, q_kind == TokenKind.VISUAL)[:, :, None]
-    text_or_context_k = least(
-        k_pos, (k_kind == TokenKind.TEXT) | (k_kind == TokenKind.CONTEXT)
-    )[:, None, :]
+    text_or_context_k = least(k_pos, (k_kind == TokenKind.TEXT) | (k_kind == TokenKind.CONTEXT))[
+        :, None, :
+    ]
     valid_k = least(k_pos, k_kind != TokenKind.PADDING)[:, None, :]
     q_units = least(q_unit, q_context)[:, :, None], most(q_unit, q_context)[:, :, None]
     k_units = least(k_unit, k_unit_holder)[:, None, :], most(k_unit, k_unit_holder)[:, None, :]
@@ -427,8 +433,16 @@ def _meta_specs(config: _Config, q_len: int, kv_len: int, q_tiled: bool):
 
 def _aux_operands(aux: _Aux):
     """The metadata vectors and the selection, in kernel argument order."""
-    return (aux.q_kind, aux.q_unit, aux.q_position,
-            aux.k_kind, aux.k_unit, aux.k_region, aux.k_position, aux.selected)
+    return (
+        aux.q_kind,
+        aux.q_unit,
+        aux.q_position,
+        aux.k_kind,
+        aux.k_unit,
+        aux.k_region,
+        aux.k_position,
+        aux.selected,
+    )
 
 
 def _forward(config: _Config, q, k, v, aux: _Aux):
@@ -440,15 +454,31 @@ def _forward(config: _Config, q, k, v, aux: _Aux):
     kv_whole = _Spec((None, None, kv_len, head_dim), lambda b, h, t: (b, lax.div(h, g), 0, 0))
     in_specs = [
         _plan_spec(aux.q_plan),
-        q_tile, kv_whole, kv_whole,
+        q_tile,
+        kv_whole,
+        kv_whole,
         *_meta_specs(config, q_len, kv_len, q_tiled=True),
         _Spec((None, None, bq, config.top_k), lambda b, h, t: (b, h, t, 0)),
     ]
     out_specs = [q_tile, _Spec((None, None, bq, 1), lambda b, h, t: (b, h, t, 0))]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, q_len, 1), jnp.float32)]
-    return _call(config, _forward_kernel, "gaze_flash_forward", grid, in_specs, out_specs,
-                 out_shape, aux.q_plan, q, k, v, *_aux_operands(aux))
+    out_shape = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((batch, num_heads, q_len, 1), jnp.float32),
+    ]
+    return _call(
+        config,
+        _forward_kernel,
+        "gaze_flash_forward",
+        grid,
+        in_specs,
+        out_specs,
+        out_shape,
+        aux.q_plan,
+        q,
+        k,
+        v,
+        *_aux_operands(aux),
+    )
 
 
 def _backward_q(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
@@ -461,13 +491,32 @@ def _backward_q(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
     kv_whole = _Spec((None, None, kv_len, head_dim), lambda b, h, t: (b, lax.div(h, g), 0, 0))
     in_specs = [
         _plan_spec(aux.q_plan),
-        q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile,
+        q_tile,
+        kv_whole,
+        kv_whole,
+        q_tile,
+        row_tile,
+        row_tile,
         *_meta_specs(config, q_len, kv_len, q_tiled=True),
         _Spec((None, None, bq, config.top_k), lambda b, h, t: (b, h, t, 0)),
     ]
-    (dq,) = _call(config, _backward_q_kernel, "gaze_flash_backward_q", grid, in_specs, [q_tile],
-                  [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-                  aux.q_plan, q, k, v, d_out, lse, delta, *_aux_operands(aux))
+    (dq,) = _call(
+        config,
+        _backward_q_kernel,
+        "gaze_flash_backward_q",
+        grid,
+        in_specs,
+        [q_tile],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        aux.q_plan,
+        q,
+        k,
+        v,
+        d_out,
+        lse,
+        delta,
+        *_aux_operands(aux),
+    )
     return dq
 
 
@@ -481,14 +530,33 @@ def _backward_kv(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
     group_rows = _Spec((None, g, q_len, 1), lambda b, h, t: (b, h, 0, 0))
     in_specs = [
         _plan_spec(aux.kv_plan),
-        group_whole, kv_tile, kv_tile, group_whole, group_rows, group_rows,
+        group_whole,
+        kv_tile,
+        kv_tile,
+        group_whole,
+        group_rows,
+        group_rows,
         *_meta_specs(config, q_len, kv_len, q_tiled=False),
         _Spec((None, g, q_len, config.top_k), lambda b, h, t: (b, h, 0, 0)),
     ]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    return _call(config, _backward_kv_kernel, "gaze_flash_backward_kv", grid, in_specs,
-                 [kv_tile, kv_tile], out_shape,
-                 aux.kv_plan, q, k, v, d_out, lse, delta, *_aux_operands(aux))
+    return _call(
+        config,
+        _backward_kv_kernel,
+        "gaze_flash_backward_kv",
+        grid,
+        in_specs,
+        [kv_tile, kv_tile],
+        out_shape,
+        aux.kv_plan,
+        q,
+        k,
+        v,
+        d_out,
+        lse,
+        delta,
+        *_aux_operands(aux),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,9 +609,24 @@ def _kv_tile_entry(entry):
     return entry >> (2 + _TILE_BITS), (entry >> 2) & ((1 << _TILE_BITS) - 1), entry & 3
 
 
-def _forward_kernel(plan_ref, q_ref, k_ref, v_ref, q_kind_ref, q_unit_ref, q_pos_ref,
-                    k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref, sel_ref, o_ref, lse_ref,
-                    *, config: _Config):
+def _forward_kernel(
+    plan_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_kind_ref,
+    q_unit_ref,
+    q_pos_ref,
+    k_kind_ref,
+    k_unit_ref,
+    k_region_ref,
+    k_pos_ref,
+    sel_ref,
+    o_ref,
+    lse_ref,
+    *,
+    config: _Config,
+):
     bq, bkv = config.block_q, config.block_kv
     row = pl.program_id(2)  # this program's plan (read outside loops: interpret mode)
     q = q_ref[...]
@@ -565,9 +648,11 @@ def _forward_kernel(plan_ref, q_ref, k_ref, v_ref, q_kind_ref, q_unit_ref, q_pos
         acc = acc * rescale + _dot(probs.astype(v.dtype), v, (1, 0))
         return acc, new_peak, total
 
-    init = (jnp.zeros((bq, q.shape[1]), jnp.float32),
-            jnp.full((bq, 1), MASK_VALUE, jnp.float32),
-            jnp.zeros((bq, 1), jnp.float32))
+    init = (
+        jnp.zeros((bq, q.shape[1]), jnp.float32),
+        jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+    )
     acc, peak, total = lax.fori_loop(0, plan_ref[row, 0], body, init)
     seen = total > 0
     total = jnp.where(seen, total, 1.0)
@@ -575,9 +660,26 @@ def _forward_kernel(plan_ref, q_ref, k_ref, v_ref, q_kind_ref, q_unit_ref, q_pos
     lse_ref[...] = jnp.where(seen, peak + jnp.log(total), MASK_VALUE)
 
 
-def _backward_q_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                       q_kind_ref, q_unit_ref, q_pos_ref, k_kind_ref, k_unit_ref, k_region_ref,
-                       k_pos_ref, sel_ref, dq_ref, *, config: _Config):
+def _backward_q_kernel(
+    plan_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_kind_ref,
+    q_unit_ref,
+    q_pos_ref,
+    k_kind_ref,
+    k_unit_ref,
+    k_region_ref,
+    k_pos_ref,
+    sel_ref,
+    dq_ref,
+    *,
+    config: _Config,
+):
     bkv = config.block_kv
     row = pl.program_id(2)
     q, d_out, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -598,9 +700,27 @@ def _backward_q_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     dq_ref[...] = (dq * config.scale).astype(dq_ref.dtype)
 
 
-def _backward_kv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                        q_kind_ref, q_unit_ref, q_pos_ref, k_kind_ref, k_unit_ref, k_region_ref,
-                        k_pos_ref, sel_ref, dk_ref, dv_ref, *, config: _Config):
+def _backward_kv_kernel(
+    plan_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_kind_ref,
+    q_unit_ref,
+    q_pos_ref,
+    k_kind_ref,
+    k_unit_ref,
+    k_region_ref,
+    k_pos_ref,
+    sel_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    config: _Config,
+):
     bq = config.block_q
     row = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]

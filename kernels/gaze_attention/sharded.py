@@ -132,8 +132,11 @@ def sharded_gaze_decode(
         raise ValueError(f"axis {axis!r} is not a mesh axis {tuple(mesh.shape)}")
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1:3]
-    if q_len != 1 or key.shape != value.shape or key.shape[-1] != head_dim or (
-        num_heads % num_kv_heads
+    if (
+        q_len != 1
+        or key.shape != value.shape
+        or key.shape[-1] != head_dim
+        or (num_heads % num_kv_heads)
     ):
         raise ValueError(
             f"decode shapes expected: query {query.shape}, key {key.shape}, value {value.shape}"
@@ -173,8 +176,21 @@ def sharded_gaze_decode(
     )(*args)
 
 
-def _shard_step(query, key, value, query_meta, kv_meta, table, descriptors=None, *, axis, top_k,
-                routing, scale, attend):
+def _shard_step(
+    query,
+    key,
+    value,
+    query_meta,
+    kv_meta,
+    table,
+    descriptors=None,
+    *,
+    axis,
+    top_k,
+    routing,
+    scale,
+    attend,
+):
     """The body under ``shard_map``: local arrays of one shard, global ids in and out."""
     shard = jax.lax.axis_index(axis)
     num_regions = table.num_regions  # R, this shard's region slots
@@ -186,14 +202,24 @@ def _shard_step(query, key, value, query_meta, kv_meta, table, descriptors=None,
     if descriptors is None:
         descriptors = routing_lib.region_descriptors(key, kv_meta, num_regions)
 
-    region, valid = _global_top_k(query, descriptors, query_meta, table, first_region,
-                                  axis=axis, top_k=top_k, routing=routing)
+    region, valid = _global_top_k(
+        query, descriptors, query_meta, table, first_region, axis=axis, top_k=top_k, routing=routing
+    )
     group = query.shape[2] // region.shape[2]
     region, valid = (jnp.repeat(x, group, axis=2) for x in (region, valid))
     local = region - first_region
     mine = valid & (local >= 0) & (local < num_regions)
-    out, lse = attend(query, key, value, query_meta, kv_meta, table,
-                      Selection(jnp.where(mine, local, -1), mine), routing=routing, scale=scale)
+    out, lse = attend(
+        query,
+        key,
+        value,
+        query_meta,
+        kv_meta,
+        table,
+        Selection(jnp.where(mine, local, -1), mine),
+        routing=routing,
+        scale=scale,
+    )
 
     peak = jax.lax.pmax(lse, axis)
     weight = jnp.exp(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))[..., None]  # 0 if unseen
@@ -246,8 +272,9 @@ def check_sharded_layout(kv_meta: TokenMeta, table: RegionTable, num_shards: int
     shard_length, regions_per_shard = kv_len // num_shards, num_regions // num_shards
     owner = np.arange(num_regions) // regions_per_shard
     used = length > 0
-    if (used & ((start // shard_length != owner) |
-                ((start + length - 1) // shard_length != owner))).any():
+    if (
+        used & ((start // shard_length != owner) | ((start + length - 1) // shard_length != owner))
+    ).any():
         raise ValueError("a region straddles shards or lies outside the shard owning its id")
     visual = kind == TokenKind.VISUAL
     slot_shard = np.broadcast_to(np.arange(kv_len) // shard_length, kind.shape)

@@ -122,9 +122,7 @@ def unrouted_state(
     if max_unrouted_tokens is not None:
         kind = kv_meta.kind
         keep = (kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)
-        slots = jax.vmap(lambda k: jnp.nonzero(k, size=max_unrouted_tokens, fill_value=0)[0])(
-            keep
-        )
+        slots = jax.vmap(lambda k: jnp.nonzero(k, size=max_unrouted_tokens, fill_value=0)[0])(keep)
         found = jnp.arange(max_unrouted_tokens) < keep.sum(axis=1, keepdims=True)
         take = jax.vmap(lambda x, i: x[i])
         key, value = take(key, slots), take(value, slots)
@@ -155,18 +153,21 @@ def _routed(query, key, value, table, selection, routing, scale, state):
     top_k = region.shape[-1]
     num_steps = math.ceil(top_k / REGIONS_PER_STEP)
     chunk = math.ceil(top_k / num_steps)
-    region, valid = (jnp.pad(x, [(0, 0), (0, 0), (0, num_steps * chunk - top_k)])
-                     for x in (jnp.maximum(region, 0), valid))
+    region, valid = (
+        jnp.pad(x, [(0, 0), (0, 0), (0, num_steps * chunk - top_k)])
+        for x in (jnp.maximum(region, 0), valid)
+    )
     start = jnp.take_along_axis(table.start[:, None], region, axis=-1)
     length = jnp.where(valid, jnp.take_along_axis(table.length[:, None], region, axis=-1), 0)
-    start, length = (jnp.moveaxis(x.reshape(batch, groups, num_steps, chunk), 2, 0)
-                     for x in (start, length))  # [steps, b, groups, chunk]
+    start, length = (
+        jnp.moveaxis(x.reshape(batch, groups, num_steps, chunk), 2, 0) for x in (start, length)
+    )  # [steps, b, groups, chunk]
 
     slot = jnp.arange(table.capacity, dtype=jnp.int32)
     token = jnp.minimum(start[..., None] + slot, kv_len - 1)  # [steps, b, groups, chunk, m]
     kv_head = jnp.arange(groups, dtype=jnp.int32) * num_kv_heads // groups
     sample = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] * kv_len
-    row = ((sample + token) * num_kv_heads + kv_head[:, None, None])
+    row = (sample + token) * num_kv_heads + kv_head[:, None, None]
     row = row.reshape(num_steps, batch, groups, -1)
     mask = (slot < length[..., None]).reshape(num_steps, batch, groups, 1, -1)
     key_rows, value_rows = _as_rows(key), _as_rows(value)
@@ -206,9 +207,11 @@ def _unpack(words: jax.Array, dtype) -> jax.Array:
 
 def _empty_state(batch: int, groups: int, per_group: int, head_dim: int):
     """Online-softmax state ``(max, sum [b, s, h], acc [b, s, h, d])`` of an empty key set."""
-    return (jnp.full((batch, groups, per_group), -jnp.inf, jnp.float32),
-            jnp.zeros((batch, groups, per_group), jnp.float32),
-            jnp.zeros((batch, groups, per_group, head_dim), jnp.float32))
+    return (
+        jnp.full((batch, groups, per_group), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, groups, per_group), jnp.float32),
+        jnp.zeros((batch, groups, per_group, head_dim), jnp.float32),
+    )
 
 
 def _update(state, logits, mask, value):

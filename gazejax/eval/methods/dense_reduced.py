@@ -88,7 +88,6 @@ class PooledModel(MultimodalModel):
         return tokens.reshape(batch, max_units * tokens.shape[1], tokens.shape[2])
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DenseReduced(Method):
     name = "dense_reduced"
