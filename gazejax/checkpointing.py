@@ -10,7 +10,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import flax.struct
+import jax
+import optax
 import orbax.checkpoint as ocp
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a training checkpoint's ``state`` holds: the step, parameters, optimizer state."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
 
 
 class Checkpointer:

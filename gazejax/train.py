@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,7 +33,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gazejax import optim
-from gazejax.checkpointing import Checkpointer
+from gazejax.checkpointing import Checkpointer, TrainState
 from gazejax.configuration import validate_config
 from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
 from gazejax.data.synthetic import TASKS
@@ -50,13 +49,6 @@ from gazejax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
 
 
 def top_k_at(step: int, config: ml_collections.ConfigDict, num_regions: int) -> int | None:

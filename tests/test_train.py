@@ -186,9 +186,10 @@ def test_gradient_accumulation_matches_one_batch():
     import jax.numpy as jnp
     import optax
 
+    from gazejax.checkpointing import TrainState
     from gazejax.data.packing import Text, Visual, pack_batch
     from gazejax.models.mllm import MultimodalModel
-    from gazejax.train import TrainState, make_train_step
+    from gazejax.train import make_train_step
     from tests.test_mllm import VOCAB, _config
 
     config = _config()

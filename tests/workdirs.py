@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gazejax.checkpointing import Checkpointer
+from gazejax.checkpointing import Checkpointer, TrainState
 from gazejax.configuration import base_config
 from gazejax.data.packing import Text
 from gazejax.data.vocab import vocabulary
@@ -21,7 +21,6 @@ from gazejax.inference.probes import selections_at
 from gazejax.inference.prompts import Prompt, pack_prompt
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
-from gazejax.train import TrainState
 
 
 def tiny_gaze_config() -> ml_collections.ConfigDict:
