@@ -577,8 +577,9 @@ def _visible(q_meta, k_meta, code, selected_column, top_k: int) -> jax.Array:
     def add_region(i, hit):
         return hit | (selected_column(i) == k_region)
 
-    rounds = jnp.where((code & ROUTED) != 0, top_k, 0)
-    routed = lax.fori_loop(0, rounds, add_region, jnp.zeros(causal.shape, jnp.bool_))
+    # Both bounds int32: a weakly typed bound lowers to a mixed-type scf.for that Triton rejects.
+    rounds = jnp.where((code & ROUTED) != 0, jnp.int32(top_k), jnp.int32(0))
+    routed = lax.fori_loop(jnp.int32(0), rounds, add_region, jnp.zeros(causal.shape, jnp.bool_))
     text = (causal & ((k_kind == TokenKind.TEXT) | k_context)) | (k_visual & routed)
     visual = causal & (k_kind != TokenKind.PADDING)
     context = (k_unit == q_unit) & (k_visual | (k_context & causal))
