@@ -4,6 +4,8 @@
 #   make test    the test suite (what CI runs)
 #   make lint    ruff check and ruff format --check
 #   make reproduce  train the default dense and gaze models, then sweep methods x KV budgets
+#   make compile-kernels  compile every Pallas kernel for an H100 (sm_90) and TPU v5e/v6e on
+#                this CPU, deviceless, each compiler from its own venv (tests/aot/)
 # train and reproduce install only the package and its runtime dependencies (pip install -e .);
 # test and lint add the [dev,lmms] extras and lmms-eval (requirements.txt,
 # requirements-lmms-eval.txt). Each stamp re-installs when the files it lists change.
@@ -15,7 +17,7 @@ CONFIG ?= configs/synthetic.py
 RUNTIME := $(VENV)/.installed-runtime
 FULL := $(VENV)/.installed
 
-.PHONY: install install-dev train test lint reproduce
+.PHONY: install install-dev train test lint reproduce compile-kernels
 install: $(RUNTIME)
 install-dev: $(FULL)
 
@@ -48,3 +50,18 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Deviceless compiles: the CUDA plugin and libtpu each get a venv (the plugin prints noise into
+# every process of its venv). Realistic sizes (Qwen3-4B heads, 4608 + 2048 tokens) for sm_90 and
+# v5e (the smallest VMEM); the test sizes for v6e.
+AOT_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=localhost PYTHONPATH=.
+.venv-aot-%/.installed: tests/aot/requirements-%.txt
+	$(PYTHON) -m venv .venv-aot-$*
+	.venv-aot-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-aot-$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+compile-kernels: .venv-aot-cuda/.installed .venv-aot-tpu/.installed
+	$(AOT_ENV) .venv-aot-cuda/bin/python tests/aot/compile_kernels.py --target sm90
+	$(AOT_ENV) .venv-aot-tpu/bin/python tests/aot/compile_kernels.py --target v5e
+	$(AOT_ENV) .venv-aot-tpu/bin/python tests/aot/compile_kernels.py --target v6e --sizes test

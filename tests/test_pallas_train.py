@@ -296,7 +296,7 @@ def test_lowers_for_tpu_and_gpu(platform):
     """Forward and backward lower to Mosaic TPU / Triton custom calls on this CPU-only host.
 
     This covers Pallas's own lowering (jaxpr → Mosaic / Triton IR, shape rules of each backend);
-    Mosaic's layout passes and the Triton compiler run only on a device.
+    Mosaic's layout passes and the Triton compiler run in ``tests/aot/compile_kernels.py``.
     """
     samples = [[TextSegment(5), VisualSegment(12, 12), TextSegment(40)]]
     meta, table, q, k, v, _ = make_case(samples, (6, 6), (4, 2), 128, jnp.bfloat16, True)
@@ -318,6 +318,7 @@ def test_lowers_for_tpu_and_gpu(platform):
             scale=0.1,
             block_q=64,
             block_kv=128,
+            backend=platform,
             interpret=False,
         )[0]
 

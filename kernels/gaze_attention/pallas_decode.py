@@ -42,7 +42,6 @@ checks no hardware rule (tiling, the strided per-KV-head DMA), so neither is pro
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +53,9 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention import xla
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
+from kernels.gaze_attention.platform import Backend, compiler_for, interprets
 from kernels.gaze_attention.routing import Selection
 
-Backend = Literal["tpu", "cpu", "gpu", "cuda", "triton"]
 MAX_GROUP = 30  # query heads per KV head: one bit each in an int32 mask
 TRITON_MIN_DOT = 16  # Triton's smallest dot dimension
 
@@ -100,8 +99,8 @@ def attend_selected_pallas_decode(
       float32)``; ``lse = -inf`` and ``out = 0`` where the query head sees nothing.
     """
     routing_lib.validate_routing(routing)
-    triton = _uses_triton(backend)
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    triton = compiler_for(backend) == "triton"
+    interpret = interprets(interpret)
     batch, _, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1:3]
     group = num_heads // num_kv_heads
@@ -136,15 +135,6 @@ def attend_selected_pallas_decode(
 
 # ----------------------------------------------------------------------------------------------
 # Segment lists (XLA).
-
-
-def _uses_triton(backend: str | None) -> bool:
-    backend = backend or jax.default_backend()
-    if backend in ("tpu", "cpu"):
-        return False
-    if backend in ("gpu", "cuda", "triton"):
-        return True
-    raise ValueError(f"backend must be tpu, cpu, gpu, cuda or triton, got {backend!r}")
 
 
 def _tile_rows(capacity: int, triton: bool) -> int:

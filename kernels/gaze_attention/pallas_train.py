@@ -49,15 +49,15 @@ kv-major: each program owns one kv tile and loops over the ``(head, q tile)`` pa
 group that see it, so the sum over the group's query heads happens in the kernel,
 deterministically, without atomics.
 
-Platforms. One kernel body serves both: ``lax.platform_dependent`` picks at lowering time the
-Mosaic TPU call (plans in SMEM, all grid axes parallel) or the Triton call (power-of-two tiles,
-no scratch buffers, plans read as scalars from global memory). ``interpret=True`` (default on
-CPU) runs the Triton-style call in the Pallas interpreter. Not verified here (no device): Mosaic's
-layout passes, which run at device compile time; they want ``block_q`` a multiple of 8,
-``block_kv`` and ``head_dim`` multiples of 128. Triton wants power-of-two ``head_dim``. Each
-program holds the full kv sequence of one KV head (forward, dQ) or the full query sequence of one
-GQA group (dK/dV) as its block: fine on GPU (a pointer), on TPU it bounds the sequence length by
-VMEM; the ``[..., 1]`` metadata/statistics arrays are lane-padded in TPU memory.
+Platforms. One kernel body serves both; the ``backend`` argument (default
+``jax.default_backend()``) picks the Mosaic TPU call (plans in SMEM, all grid axes parallel) or
+the Triton call (power-of-two tiles, no scratch buffers, plans read as scalars from global
+memory, float32 tiles of 64 for 128-wide heads). ``interpret=True`` (default on CPU) runs the
+Triton-style call in the Pallas interpreter. ``tests/aot/compile_kernels.py`` compiles both for
+real devices on a CPU. Each program holds the full kv sequence of one KV head (forward, dQ) or
+the full query sequence of one GQA group (dK/dV) as its block: fine on GPU (a pointer), on TPU it
+bounds the sequence length by VMEM; the ``[..., 1]`` metadata/statistics arrays are lane-padded
+in TPU memory.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
+from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, interprets
 from kernels.gaze_attention.routing import Selection
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -101,6 +102,7 @@ def attend_selected_pallas_train(
     max_unrouted_tokens: int | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    backend: Backend | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Gaze attention of many queries given their selection, with Pallas flash kernels.
@@ -120,7 +122,9 @@ def attend_selected_pallas_train(
         visible is read); accepted for the signature shared by every implementation.
       scale: logit scale.
       block_q, block_kv: tile sizes (powers of two); default ``min(128, next power of two of
-        the length)``.
+        the length)``, 64 for float32 with ``head_dim >= 128`` on Triton (shared memory).
+      backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton) or ``"cpu"``;
+        default ``jax.default_backend()``.
       interpret: run in the Pallas interpreter; default: when the default backend is CPU.
 
     Returns:
@@ -137,10 +141,10 @@ def attend_selected_pallas_train(
     group = num_heads // num_kv_heads
     if group >= 1 << (31 - 2 - _TILE_BITS):
         raise ValueError(f"at most 127 query heads per KV head, got {group}")
-    block_q = _block_size(block_q, q_len, "block_q")
-    block_kv = _block_size(block_kv, kv_len, "block_kv")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    compiler = compiler_for(backend)
+    largest = _largest_block(compiler, query.dtype, head_dim)
+    block_q = _block_size(block_q, q_len, largest, "block_q")
+    block_kv = _block_size(block_kv, kv_len, largest, "block_kv")
 
     q_meta, k_meta = _pad_meta(query_meta, block_q), _pad_meta(kv_meta, block_kv)
     q_pad, kv_pad = q_meta.kind.shape[1] - q_len, k_meta.kind.shape[1] - kv_len
@@ -165,7 +169,8 @@ def attend_selected_pallas_train(
         block_kv=block_kv,
         top_k=region.shape[-1],
         group=group,
-        interpret=bool(interpret),
+        compiler=compiler,
+        interpret=interprets(interpret),
     )
     q = _pad_axis(query, 1, q_pad, 0).transpose(0, 2, 1, 3)
     k, v = (_pad_axis(x, 1, kv_pad, 0).transpose(0, 2, 1, 3) for x in (key, value))
@@ -278,12 +283,20 @@ class _Config:
     block_kv: int
     top_k: int
     group: int
+    compiler: Compiler
     interpret: bool
 
 
-def _block_size(block: int | None, length: int, name: str) -> int:
+def _largest_block(compiler: Compiler, dtype, head_dim: int) -> int:
+    """The default tile: 128, or 64 where Triton's float32 tiles of a 128-wide head would
+    overrun an H100's 227 KiB of shared memory (the dK/dV kernel asks 320 KiB)."""
+    wide = jnp.dtype(dtype).itemsize >= 4 and head_dim >= 128
+    return DEFAULT_BLOCK // 2 if compiler == "triton" and wide else DEFAULT_BLOCK
+
+
+def _block_size(block: int | None, length: int, largest: int, name: str) -> int:
     if block is None:
-        return min(DEFAULT_BLOCK, pl.next_power_of_2(length))
+        return min(largest, pl.next_power_of_2(length))
     if block < 1 or block & (block - 1):
         raise ValueError(f"{name} must be a power of two, got {block}")
     return block
@@ -380,38 +393,34 @@ class _Spec(NamedTuple):
 
 
 def _call(config: _Config, kernel, name: str, grid, in_specs, out_specs, out_shape, *operands):
-    """``pallas_call`` for the interpreter, or per platform (Mosaic TPU / Triton) at lowering.
+    """``pallas_call`` for the interpreter, Mosaic (TPU) or Triton (GPU).
 
     ``operands`` start with the plan, then the queries ``[b, h, q, head_dim]``.
     """
     head_dim = operands[1].shape[-1]
+    mosaic = config.compiler == "mosaic" and not config.interpret
 
-    def call(platform: str, *operands):
-        def spec(s: _Spec) -> pl.BlockSpec:
-            if s.plan and platform == "tpu":
-                return pl.BlockSpec(s.block, s.index, memory_space=pltpu.SMEM)
-            return pl.BlockSpec(s.block, s.index)
-
-        if platform == "tpu":
-            params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
-        else:
-            params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-        return pl.pallas_call(
-            functools.partial(kernel, config=config),
-            grid=grid,
-            in_specs=[spec(s) for s in in_specs],
-            out_specs=[spec(s) for s in out_specs],
-            out_shape=out_shape,
-            compiler_params=params,
-            interpret=config.interpret,
-            name=name,
-        )(*operands)
+    def spec(s: _Spec) -> pl.BlockSpec:
+        if s.plan and mosaic:
+            return pl.BlockSpec(s.block, s.index, memory_space=pltpu.SMEM)
+        return pl.BlockSpec(s.block, s.index)
 
     if config.interpret:
-        return call("interpret", *operands)
-    return lax.platform_dependent(
-        *operands, tpu=functools.partial(call, "tpu"), default=functools.partial(call, "gpu")
-    )
+        params = None
+    elif mosaic:
+        params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
+    else:
+        params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    return pl.pallas_call(
+        functools.partial(kernel, config=config),
+        grid=grid,
+        in_specs=[spec(s) for s in in_specs],
+        out_specs=[spec(s) for s in out_specs],
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=config.interpret,
+        name=name,
+    )(*operands)
 
 
 def _plan_spec(plan: jax.Array) -> _Spec:
