@@ -54,7 +54,8 @@ lint: install-dev
 # Deviceless compiles: the CUDA plugin and libtpu each get a venv (the plugin prints noise into
 # every process of its venv). Realistic sizes (Qwen3-4B heads, 4608 + 2048 tokens) for sm_90 and
 # v5e (the smallest VMEM); the test sizes for v6e.
-AOT_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=localhost PYTHONPATH=.
+AOT_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=localhost \
+	ALLOW_MULTIPLE_LIBTPU_LOAD=1 PYTHONPATH=.
 .venv-aot-%/.installed: tests/aot/requirements-%.txt
 	$(PYTHON) -m venv .venv-aot-$*
 	.venv-aot-$*/bin/python -m pip install --quiet --upgrade pip

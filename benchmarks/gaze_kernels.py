@@ -130,12 +130,12 @@ def normal(rng, shape, dtype):
 
 
 def decode_bytes(
-    query_meta, kv_meta, table, selection, route, num_kv_heads, head_dim, itemsize, descriptor_bytes
+    query_meta, kv_meta, table, selection, route, num_kv_heads, head_dim, dtype, descriptor_bytes
 ) -> dict:
     """Bytes a decode step must read, and what xla and pallas fetch, from the actual selection."""
     kind = np.asarray(kv_meta.kind)
     unrouted = int(((kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)).sum())
-    row = 2 * head_dim * itemsize  # one K and one V row of one KV head
+    row = 2 * head_dim * jnp.dtype(dtype).itemsize  # one K and one V row of one KV head
     count, _, length, _ = pallas_decode._selected_regions(table, selection, num_kv_heads, route)
     regions_dedup, routed_tokens = int(np.asarray(count).sum()), int(np.asarray(length).sum())
     region, valid = np.asarray(selection.region[:, 0]), np.asarray(selection.valid[:, 0])
@@ -146,11 +146,12 @@ def decode_bytes(
     xla_tokens = sum(int(lengths[region[0, h]][valid[0, h]].sum()) for h in selectors)
     xla_rows = sum(int(valid[0, h].sum()) for h in selectors) * table.capacity  # slices of m
     pallas_reads = {}
-    for platform, triton in (("tpu", False), ("gpu", True)):
-        tile = pallas_decode._tile_rows(table.capacity, triton)
-        pieces, _, _ = pallas_decode._unrouted_pieces(query_meta, kv_meta, unrouted, tile)
+    for platform, compiler in (("tpu", "mosaic"), ("gpu", "triton")):
+        window = pallas_decode.window(table.capacity, compiler, dtype)
+        span = window.span
+        pieces, _, _ = pallas_decode._unrouted_pieces(query_meta, kv_meta, unrouted, span)
         segments = num_kv_heads * int(np.asarray(pieces).sum()) + regions_dedup
-        pallas_reads[platform] = row * tile * segments + descriptor_bytes
+        pallas_reads[platform] = row * window.rows * segments + descriptor_bytes
     return dict(
         unrouted_tokens=unrouted,
         regions_dedup=regions_dedup,
@@ -218,7 +219,7 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
         route,
         num_kv_heads,
         head_dim,
-        dtype.itemsize,
+        dtype,
         descriptors.size * descriptors.dtype.itemsize,
     )
     dense_bytes = 2 * length * num_kv_heads * head_dim * dtype.itemsize

@@ -1,5 +1,6 @@
 """The Pallas gaze decode kernel (TPU and Triton variants, interpreted on CPU) against the
-reference and xla implementations, its segment lists, and its lowering for TPU and CUDA."""
+reference and xla implementations, its flash-decoding splits and its segment lists. Compiling
+them for real devices: ``tests/aot/compile_kernels.py`` (``make compile-kernels``)."""
 
 import functools
 
@@ -64,7 +65,7 @@ decode = jax.jit(
 )
 attend = jax.jit(
     pallas_decode.attend_selected_pallas_decode,
-    static_argnames=("routing", "scale", "max_unrouted_tokens", "backend", "interpret"),
+    static_argnames=("routing", "scale", "max_unrouted_tokens", "splits", "backend", "interpret"),
 )
 
 
@@ -251,6 +252,21 @@ def test_decode_equals_reference_and_xla(name):
         np.testing.assert_array_equal(np.isneginf(got), blind)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_number_of_splits_gives_the_same_decode(backend):
+    """Chunks of a segment list merge by log-sum-exp: 1 split, uneven splits and more splits
+    than segments (empty chunks) agree with the reference, output and lse."""
+    step = tied_video()
+    options = dict(routing="per_head", max_unrouted_tokens=32)
+    expected, _, selection, _, lse = step.expectations(top_k=3, **options)
+    for splits in (1, 3, 64):
+        out, got = attend(
+            *step.args, selection, scale=step.scale, splits=splits, backend=backend, **options
+        )
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=f"{splits}")
+        np.testing.assert_allclose(got, lse, rtol=1e-5, atol=1e-5, err_msg=f"{splits}")
+
+
 def test_bfloat16_decode_matches_the_reference():
     step = small_cache().cast(jnp.bfloat16)
     assert step.meta.kind.shape[1] < 16
@@ -355,35 +371,3 @@ def test_unrouted_pieces_cover_the_visible_text_and_context():
             covered[s : s + n] = True
         np.testing.assert_array_equal(covered, seen[b])
         assert (length[b, count[b] :] == 0).all()
-
-
-# ----------------------------------------------------------------------------------------------
-# Lowering without a device (interpret mode checks no hardware rule; these check that each
-# kernel lowers to its platform's custom call).
-
-
-@pytest.mark.parametrize(
-    "backend, platform, call",
-    [("tpu", "tpu", "tpu_custom_call"), ("triton", "cuda", "__gpu$xla.gpu.triton")],
-)
-def test_kernels_lower_for_their_platform(backend, platform, call):
-    layout = build_layout([T(3), V(6, 6), T(2)], (6, 6), 4)  # m = 36
-    meta, table = batch_layouts([layout, layout])
-    batch, length = meta.kind.shape
-    heads, kv_heads, head_dim = 8, 2, 128
-    query = jnp.zeros((batch, 1, heads, head_dim), jnp.bfloat16)
-    cache = jnp.zeros((batch, length, kv_heads, head_dim), jnp.bfloat16)
-    descriptors = jnp.zeros((batch, table.num_regions, kv_heads, head_dim), jnp.float32)
-    query_meta = jax.tree.map(lambda x: x[:, -1:], meta)
-    step = functools.partial(
-        select_and_attend,
-        top_k=2,
-        routing="per_head",
-        scale=0.1,
-        max_unrouted_tokens=16,
-        backend=backend,
-        interpret=False,
-    )
-    lowered = jax.jit(step).trace(query, cache, cache, query_meta, meta, table, descriptors)
-    text = lowered.lower(lowering_platforms=(platform,)).as_text()
-    assert call in text and "gaze_decode" in text

@@ -1,47 +1,51 @@
-"""Pallas decode kernel for gaze attention (``q_len == 1``), TPU (Mosaic) and GPU (Triton).
+"""Pallas decode kernel for gaze attention (``q_len == 1``): flash-decoding over segment lists,
+TPU (Mosaic) and GPU (Triton).
 
 Same semantics as the ``"xla"`` decode. Selection stays in XLA (the dispatcher's
 :func:`routing.select_regions`, exact ``lax.top_k`` on float32 scores); the kernel then
-attends, per (sample, KV head), to a list of *segments*, each up to ``tile`` consecutive cache
+attends, per (sample, KV head), to a list of *segments*, each at most ``span`` consecutive cache
 slots ``start + [0, length)``:
 
 1. the *unrouted* keys the query sees (text and context tokens, at most ``max_unrouted_tokens``,
    the same slots the xla decode gathers), found in XLA from the metadata as runs of consecutive
-   slots, cut into pieces of at most ``tile`` slots; every query head of the group uses them;
+   slots, cut into pieces of at most ``span`` slots; every query head of the group uses them;
 2. the regions the GQA group selected, deduplicated: with per-head routing each region is
    fetched once per KV head, with a bitmask of the query heads that selected it (the score rows
    of the other heads are masked); with shared routing the group has one set, all bits set.
 
-A segment is read as one ``[tile, head_dim]`` slice of the ``[batch, kv_len, kv_heads,
-head_dim]`` cache (``tile >= m``, the region capacity); rows outside the segment (the next
-region, padding slots) are masked, their values zeroed. A slice that would run past the cache
-starts earlier instead (clamped, rows shifted) and caches shorter than a tile are padded. All
-arithmetic is float32 under an online softmax; a row that sees nothing gives ``lse = -inf`` and
-output 0.
+Flash-decoding split. A (sample, KV head)'s segment list is cut into ``splits`` contiguous
+chunks (``chunk s`` = segments ``[s·n/splits, (s+1)·n/splits)`` of its ``n``), one program
+each, so batch 1 with 8 KV heads still fills a GPU (grid ``(batch, kv_heads, splits)``, by
+default ~256 programs on GPU). Each program writes a partial normalised output and its
+log-sum-exp; a second pass in XLA merges the splits by log-sum-exp. All softmax arithmetic is
+float32; bfloat16 keys and values meet bfloat16 queries and probabilities in the two dots, with
+float32 accumulation (float32 inputs use ``HIGHEST`` precision). A row that sees nothing gives
+``lse = -inf`` and output 0.
 
-- TPU (Mosaic): grid ``(batch, kv_heads)``; segment starts, lengths, head bits and counts by
-  scalar prefetch (SMEM); K/V stay in HBM (``memory_space=ANY``); one ``fori_loop`` over the
-  segments double-buffers ``make_async_copy`` DMAs into VMEM scratch (the copy of segment
-  ``i + 1`` runs while segment ``i`` is computed). No grid step per region. ``tile`` is ``m``
-  rounded up to 16 rows (bfloat16 sublane packing). SMEM holds ``batch · (1 + 2 · pieces) +
-  batch · kv_heads · (1 + 3 · union)`` int32 (see :func:`_unrouted_pieces`,
-  :func:`_selected_regions`).
-- GPU (Triton): the same lists as ordinary operands, the same ``fori_loop`` with plain loads (no
-  scratch); power-of-two tiles (``m = 36`` -> 64 rows) and the group's query rows padded to 16,
-  Triton's smallest ``dot``.
+Reads. A segment is read as one ``[rows, head_dim]`` window of one KV head (each row
+``head_dim`` contiguous elements) and rows outside the segment are masked, their values zeroed.
+
+- GPU (Triton): segment lists as ordinary operands, plain loads of ``rows = next power of two
+  >= m`` (at least 16) starting at the segment (clamped at the cache's end); the group's query
+  rows padded to 16, Triton's smallest ``dot``.
+- TPU (Mosaic): segment lists by scalar prefetch (SMEM); K/V stay in HBM viewed as
+  ``[batch, kv_len, kv_heads · head_dim]`` so a KV head is a lane-aligned column block
+  (``head_dim`` a multiple of 128); windows start at a row that is a multiple of the sublane
+  tile (8 float32, 16 bfloat16) below the segment start, ``rows = m + tile - 1`` rounded up;
+  double-buffered ``make_async_copy`` DMAs into VMEM scratch (segment ``i + 1`` copies while
+  ``i`` computes). A cache whose length is not a multiple of the sublane tile is padded (a copy:
+  allocate caches in multiples of 16).
 
 Without ``max_unrouted_tokens`` (any query kind: the whole cache outside the regions may be
 visible) the unrouted part is the xla decode's own (:func:`xla.unrouted_state`, which reads
 the whole cache), merged with the kernel's routed part by log-sum-exp; decode steps should pass
-the bound.
-
-Both kernels are tested in interpret mode and lowered for TPU and CUDA on a CPU; interpret mode
-checks no hardware rule (tiling, the strided per-KV-head DMA), so neither is proven on a device.
+the bound. ``tests/aot/compile_kernels.py`` compiles both kernels for an H100 and TPU v5e/v6e.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +57,15 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention import xla
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
-from kernels.gaze_attention.platform import Backend, compiler_for, interprets
+from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, interprets
 from kernels.gaze_attention.routing import Selection
 
 MAX_GROUP = 30  # query heads per KV head: one bit each in an int32 mask
 TRITON_MIN_DOT = 16  # Triton's smallest dot dimension
+LANES = 128  # TPU vector lanes: a KV head's column block must start at a multiple
+PROGRAMS = {"triton": 256, "mosaic": 8}  # default programs to aim for: ~2 waves on 132 SMs
 
-__all__ = ["attend_selected_pallas_decode"]
+__all__ = ["attend_selected_pallas_decode", "Window", "window"]
 
 
 def attend_selected_pallas_decode(
@@ -74,6 +80,7 @@ def attend_selected_pallas_decode(
     routing: routing_lib.Routing,
     scale: float,
     max_unrouted_tokens: int | None = None,
+    splits: int | None = None,
     backend: Backend | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -90,6 +97,9 @@ def attend_selected_pallas_decode(
       scale: logit scale.
       max_unrouted_tokens: static bound on a sample's text + context slots (the first that many
         in slot order are read, as in the xla decode); ``None`` reads the unrouted part in XLA.
+      splits: programs per (sample, KV head), each over a contiguous chunk of its segments;
+        default: enough for ~256 programs on GPU (~8 on TPU; 2 interpreted), at most the
+        segments there may be.
       backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton), ``"cpu"`` (the
         TPU kernel, interpreted); default from ``jax.default_backend()``.
       interpret: run the kernel in interpret mode; default: on CPU.
@@ -99,61 +109,87 @@ def attend_selected_pallas_decode(
       float32)``; ``lse = -inf`` and ``out = 0`` where the query head sees nothing.
     """
     routing_lib.validate_routing(routing)
-    triton = compiler_for(backend) == "triton"
+    compiler = compiler_for(backend)
     interpret = interprets(interpret)
     batch, _, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1:3]
+    num_kv_heads = key.shape[2]
     group = num_heads // num_kv_heads
     if group > MAX_GROUP:
         raise ValueError(f"at most {MAX_GROUP} query heads per KV head, got {group}")
-    if triton and head_dim & (head_dim - 1):
+    if compiler == "triton" and head_dim & (head_dim - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {head_dim}")
-    tile = _tile_rows(table.capacity, triton)
+    if compiler == "mosaic" and not interpret and head_dim % LANES:
+        raise ValueError(f"the TPU kernel needs head_dim a multiple of {LANES}, got {head_dim}")
+    geometry = window(table.capacity, compiler, key.dtype)
     if max_unrouted_tokens is None:
         empty = jnp.zeros((batch, 1), jnp.int32)
         pieces = (empty[:, 0], empty, empty)
     else:
-        pieces = _unrouted_pieces(query_meta, kv_meta, max_unrouted_tokens, tile)
+        pieces = _unrouted_pieces(query_meta, kv_meta, max_unrouted_tokens, geometry.span)
     regions = _selected_regions(table, selection, num_kv_heads, routing)
-    q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
-    call = _triton_call if triton else _mosaic_call
+    most = pieces[1].shape[-1] + regions[1].shape[-1]  # segments a (sample, KV head) may have
+    if splits is None:  # interpreted: 2, so the merge is exercised at little cost
+        splits = 2 if interpret else -(-PROGRAMS[compiler] // (batch * num_kv_heads))
+    splits = max(1, min(splits, most))
+    q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim)
+    call = _triton_call if compiler == "triton" else _mosaic_call
     out, lse = call(
         pieces,
         regions,
         q,
-        _at_least(key, tile),
-        _at_least(value, tile),
+        _padded(key, geometry),
+        _padded(value, geometry),
         scale=scale,
-        tile=tile,
+        geometry=geometry,
+        splits=splits,
         interpret=interpret,
     )
+    out, lse = _merge_splits(out, lse)  # [b, kv_heads, group(, d)]
     if max_unrouted_tokens is None:
         state = xla.unrouted_state(query, key, value, query_meta, kv_meta, scale, None)
         out, lse = _merge(out, lse, state)
     return out.reshape(batch, 1, num_heads, head_dim), lse.reshape(batch, 1, num_heads)
 
 
+class Window(NamedTuple):
+    """How a segment is read: ``rows`` cache rows from a start that is a multiple of ``align``;
+    a segment holds at most ``span = rows - align + 1`` slots, so it fits from any start."""
+
+    rows: int
+    align: int
+
+    @property
+    def span(self) -> int:
+        return self.rows - self.align + 1
+
+
+def window(capacity: int, compiler: Compiler, dtype) -> Window:
+    """The read window of regions of ``capacity`` (``m``) slots: Triton loads from any row
+    (``rows`` a power of two >= 16); Mosaic DMAs from a row aligned to the sublane tile."""
+    if compiler == "triton":
+        return Window(max(TRITON_MIN_DOT, pl.next_power_of_2(capacity)), 1)
+    align = max(8, 32 // jnp.dtype(dtype).itemsize)
+    return Window(-(-(capacity + align - 1) // align) * align, align)
+
+
 # ----------------------------------------------------------------------------------------------
 # Segment lists (XLA).
 
 
-def _tile_rows(capacity: int, triton: bool) -> int:
-    """Rows per segment read: ``m`` up to a power of two >= 16 (Triton) or a multiple of 16."""
-    if triton:
-        return max(TRITON_MIN_DOT, pl.next_power_of_2(capacity))
-    return -(-capacity // 16) * 16
-
-
-def _at_least(cache: jax.Array, rows: int) -> jax.Array:
-    """``cache`` [batch, kv_len, ...] padded to at least ``rows`` slots (a tile must fit)."""
-    pad = rows - cache.shape[1]
-    return cache if pad <= 0 else jnp.pad(cache, [(0, 0), (0, pad)] + [(0, 0)] * (cache.ndim - 2))
+def _padded(cache: jax.Array, geometry: Window) -> jax.Array:
+    """``cache`` [batch, kv_len, ...] padded to a multiple of ``align`` slots, at least ``rows``
+    (every window lies inside; a no-op for the usual, aligned caches)."""
+    kv_len = cache.shape[1]
+    target = max(geometry.rows, -(-kv_len // geometry.align) * geometry.align)
+    if target == kv_len:
+        return cache
+    return jnp.pad(cache, [(0, 0), (0, target - kv_len)] + [(0, 0)] * (cache.ndim - 2))
 
 
 def _unrouted_pieces(
-    query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tokens: int, tile: int
+    query_meta: TokenMeta, kv_meta: TokenMeta, max_unrouted_tokens: int, span: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The visible text/context slots as pieces of at most ``tile`` consecutive slots.
+    """The visible text/context slots as pieces of at most ``span`` consecutive slots.
 
     The slots are those the xla decode reads: the first ``max_unrouted_tokens`` text and context
     slots of each sample, under the visibility rule of the query (causal for text).
@@ -173,12 +209,12 @@ def _unrouted_pieces(
     after_gap = jnp.pad(~seen[:, :-1], [(0, 0), (1, 0)], constant_values=True)
     run_start = lax.cummax(jnp.where(seen & after_gap, slot, 0), axis=1)
     run_end = lax.cummin(jnp.where(seen, kv_len, slot), axis=1, reverse=True)
-    begins = seen & ((slot - run_start) % tile == 0)
+    begins = seen & ((slot - run_start) % span == 0)
     size = max(1, min(max_unrouted_tokens, kv_len))
     start = jax.vmap(lambda x: jnp.nonzero(x, size=size, fill_value=0)[0])(begins)
     count = begins.sum(axis=1, dtype=jnp.int32)
     end = jnp.take_along_axis(run_end, start, axis=1)
-    length = jnp.where(jnp.arange(size) < count[:, None], jnp.minimum(end - start, tile), 0)
+    length = jnp.where(jnp.arange(size) < count[:, None], jnp.minimum(end - start, span), 0)
     return count, start.astype(jnp.int32), length.astype(jnp.int32)
 
 
@@ -219,6 +255,15 @@ def _selected_regions(
     return count, start.astype(jnp.int32), length.astype(jnp.int32), heads
 
 
+def _merge_splits(out, lse):
+    """``(out [b, kv, splits, G, d], lse [b, kv, splits, G])`` of the chunks → their softmax
+    over all segments ``(out [b, kv, G, d], lse [b, kv, G])``; ``-inf`` / 0 where none saw."""
+    merged = jax.nn.logsumexp(lse, axis=2)
+    safe = jnp.where(jnp.isfinite(merged), merged, 0.0)
+    weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - safe[:, :, None]), 0.0)
+    return (weight[..., None] * out).sum(axis=2), merged
+
+
 def _merge(out, lse, state):
     """Merges normalised ``(out [b, kv, g, d], lse [b, kv, g])`` with an xla softmax state."""
     peak, total, acc = state
@@ -235,24 +280,27 @@ def _merge(out, lse, state):
 # Kernels.
 
 
+def _dot(a, b, dims) -> jax.Array:
+    """``lax.dot_general`` accumulating in float32 (``HIGHEST`` for float32 operands)."""
+    exact = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(
+        a, b, (dims, ((), ())), precision=exact, preferred_element_type=jnp.float32
+    )
+
+
 def _accumulate(state, q, keys, values, offset, length, heads, scale):
     """Adds one segment to the online softmax ``(peak [G, 1], total [G, 1], acc [G, d])``.
 
-    ``q``: [G, d] float32; ``keys``, ``values``: [tile, d], of which rows ``offset + [0,
-    length)`` belong to the segment; ``heads``: int32 bitmask of the rows that use it.
+    ``q``: [G, d]; ``keys``, ``values``: [rows, d] (the cache's dtype), of which rows
+    ``offset + [0, length)`` belong to the segment; ``heads``: int32 bitmask of the query rows
+    that use it.
     """
     peak, total, acc = state
     rows, tile = q.shape[0], keys.shape[0]
     token = lax.broadcasted_iota(jnp.int32, (rows, tile), 1)
     row = lax.broadcasted_iota(jnp.int32, (rows, tile), 0)
     mask = (token >= offset) & (token < offset + length) & (((heads >> row) & 1) == 1)
-    logits = lax.dot_general(
-        q,
-        keys.astype(jnp.float32),
-        (((1,), (1,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
+    logits = _dot(q.astype(keys.dtype), keys, ((1,), (1,)))
     logits = jnp.where(mask, logits * scale, -jnp.inf)
     new_peak = jnp.maximum(peak, logits.max(axis=1, keepdims=True))
     safe = jnp.where(new_peak == -jnp.inf, 0.0, new_peak)
@@ -260,14 +308,8 @@ def _accumulate(state, q, keys, values, offset, length, heads, scale):
     weights = jnp.exp(logits - safe)
     inside = lax.broadcasted_iota(jnp.int32, values.shape, 0)
     inside = (inside >= offset) & (inside < offset + length)
-    values = jnp.where(inside, values.astype(jnp.float32), 0.0)  # tails may hold anything
-    contribution = lax.dot_general(
-        weights,
-        values,
-        (((1,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
+    values = jnp.where(inside, values, jnp.zeros((), values.dtype))  # tails may hold anything
+    contribution = _dot(weights.astype(values.dtype), values, ((1,), (0,)))
     return (
         new_peak,
         rescale * total + weights.sum(axis=1, keepdims=True),
@@ -302,6 +344,17 @@ def _segment(i, unrouted, piece, region):
     return tuple(jnp.where(routed, r, p) for p, r in zip(from_piece, from_region, strict=True))
 
 
+def _chunk(total, split, splits):
+    """Segments ``[first, last)`` of chunk ``split`` of ``total`` (int32, balanced)."""
+    return (split * total) // splits, ((split + 1) * total) // splits
+
+
+def _fetch_row(start, kv_len: int, geometry: Window):
+    """First row of the window of a segment starting at ``start`` (aligned, inside the cache)."""
+    aligned = (start // geometry.align) * geometry.align
+    return pl.multiple_of(jnp.minimum(aligned, kv_len - geometry.rows), geometry.align)
+
+
 def _mosaic_kernel(
     piece_count,
     piece_start,
@@ -324,18 +377,21 @@ def _mosaic_kernel(
     num_kv_heads,
     pieces,
     union,
+    splits,
+    geometry,
 ):
-    """One (sample, KV head): a double-buffered DMA loop over its segments.
+    """One chunk of one (sample, KV head): a double-buffered DMA loop over its segments.
 
     Scalar prefetch (SMEM, flattened): ``piece_*`` [batch(·pieces)], ``region_*``
     [batch·kv_heads(·union)]. ``q_ref``/``out_ref`` [group, d], ``lse_ref`` [group, 1];
-    ``k_hbm``/``v_hbm`` [batch, kv_len, kv_heads, d] in HBM; ``*_buf`` [2, tile, d] VMEM.
+    ``k_hbm``/``v_hbm`` [batch, kv_len, kv_heads · d] in HBM; ``*_buf`` [2, rows, d] VMEM.
     """
-    b, j = pl.program_id(0), pl.program_id(1)
-    tile, kv_len = k_buf.shape[1], k_hbm.shape[1]
+    b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim, kv_len = k_buf.shape[2], k_hbm.shape[1]
     unrouted = piece_count[b]
-    total = unrouted + region_count[b * num_kv_heads + j]
+    first, last = _chunk(unrouted + region_count[b * num_kv_heads + j], split, splits)
     all_heads = (1 << q_ref.shape[0]) - 1
+    column = pl.ds(pl.multiple_of(j * head_dim, min(head_dim, LANES)), head_dim)
 
     def piece(n):
         n = b * pieces + jnp.clip(n, 0, pieces - 1)
@@ -347,22 +403,23 @@ def _mosaic_kernel(
 
     def copies(i, slot):
         start, length, heads = _segment(i, unrouted, piece, region)
-        fetch = jnp.minimum(start, kv_len - tile)
+        fetch = _fetch_row(start, kv_len, geometry)
+        rows = pl.ds(fetch, geometry.rows)
         dmas = tuple(
-            pltpu.make_async_copy(hbm.at[b, pl.ds(fetch, tile), j], buf.at[slot], sems.at[slot])
+            pltpu.make_async_copy(hbm.at[b, rows, column], buf.at[slot], sems.at[slot])
             for hbm, buf, sems in ((k_hbm, k_buf, k_sems), (v_hbm, v_buf, v_sems))
         )
         return dmas, (start - fetch, length, heads)
 
-    @pl.when(total > 0)
+    @pl.when(first < last)
     def _():
-        for dma in copies(0, 0)[0]:
+        for dma in copies(first, 0)[0]:
             dma.start()
 
     def body(i, state):
-        slot = i % 2
+        slot = (i - first) % 2
 
-        @pl.when(i + 1 < total)
+        @pl.when(i + 1 < last)
         def _():
             for dma in copies(i + 1, 1 - slot)[0]:
                 dma.start()
@@ -372,43 +429,51 @@ def _mosaic_kernel(
             dma.wait()
         return _accumulate(state, q_ref[...], k_buf[slot], v_buf[slot], *segment, scale)
 
-    state = lax.fori_loop(0, total, body, _empty_state(*q_ref.shape))
+    state = lax.fori_loop(first, last, body, _empty_state(*q_ref.shape))
     out_ref[...], lse_ref[...] = _finish(state)
 
 
-def _mosaic_call(pieces, regions, q, key, value, *, scale, tile, interpret):
+def _mosaic_call(pieces, regions, q, key, value, *, scale, geometry, splits, interpret):
     batch, num_kv_heads, group, head_dim = q.shape
-    rows = pl.BlockSpec((None, None, group, head_dim), lambda b, j, *_: (b, j, 0, 0))
-    stats = pl.BlockSpec((None, None, group, 1), lambda b, j, *_: (b, j, 0, 0))
+    index = lambda b, j, s, *_: (b, j, s, 0, 0)  # noqa: E731
+    rows = pl.BlockSpec((None, None, None, group, head_dim), index)
+    stats = pl.BlockSpec((None, None, None, group, 1), index)
     kernel = functools.partial(
         _mosaic_kernel,
         scale=scale,
         num_kv_heads=num_kv_heads,
         pieces=pieces[1].shape[-1],
         union=regions[1].shape[-1],
+        splits=splits,
+        geometry=geometry,
     )
+    q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, j, s, *_: (b, j, 0, 0))
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=7,
-            grid=(batch, num_kv_heads),
-            in_specs=[rows, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            grid=(batch, num_kv_heads, splits),
+            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=[rows, stats],
             scratch_shapes=[
-                pltpu.VMEM((2, tile, head_dim), key.dtype),
-                pltpu.VMEM((2, tile, head_dim), value.dtype),
+                pltpu.VMEM((2, geometry.rows, head_dim), key.dtype),
+                pltpu.VMEM((2, geometry.rows, head_dim), value.dtype),
                 pltpu.SemaphoreType.DMA((2,)),
                 pltpu.SemaphoreType.DMA((2,)),
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, jnp.float32),
-            jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, group, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, group, 1), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="gaze_decode",
-    )(*(x.reshape(-1) for x in (*pieces, *regions)), q, key, value)
+    )(
+        *(x.reshape(-1) for x in (*pieces, *regions)),
+        q,
+        *(x.reshape(*x.shape[:2], -1) for x in (key, value)),  # a KV head: a column block
+    )
     return out, lse[..., 0]
 
 
@@ -428,18 +493,19 @@ def _triton_kernel(
     *,
     scale,
     group,
-    tile,
+    splits,
+    geometry,
 ):
-    """One (sample, KV head): a loop of tile loads over its segments.
+    """One chunk of one (sample, KV head): a loop of window loads over its segments.
 
-    ``piece_*``: [batch(, pieces)]; ``region_*``: [batch, kv_heads(, union)]; ``q_ref``,
-    ``out_ref``: [batch, kv_heads, G, d] (G = group padded to 16 rows); ``lse_ref`` [batch,
-    kv_heads, G, 1]; ``k_ref``/``v_ref`` [batch, kv_len, kv_heads, d].
+    ``piece_*``: [batch(, pieces)]; ``region_*``: [batch, kv_heads(, union)]; ``q_ref`` [batch,
+    kv_heads, G, d] (G = group padded to 16 rows); ``out_ref`` [batch, kv_heads, splits, G, d];
+    ``lse_ref`` [batch, kv_heads, splits, G, 1]; ``k_ref``/``v_ref`` [batch, kv_len, kv_heads, d].
     """
-    b, j = pl.program_id(0), pl.program_id(1)
+    b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pieces, union, kv_len = piece_start.shape[1], region_start.shape[2], k_ref.shape[1]
     unrouted = piece_count[b]
-    total = unrouted + region_count[b, j]
+    first, last = _chunk(unrouted + region_count[b, j], split, splits)
     all_heads = (1 << group) - 1
 
     def piece(n):
@@ -454,29 +520,31 @@ def _triton_kernel(
 
     def body(i, state):
         start, length, heads = _segment(i, unrouted, piece, region)
-        fetch = jnp.minimum(start, kv_len - tile)
-        keys = k_ref[b, pl.ds(fetch, tile), j, :]
-        values = v_ref[b, pl.ds(fetch, tile), j, :]
+        fetch = _fetch_row(start, kv_len, geometry)
+        keys = k_ref[b, pl.ds(fetch, geometry.rows), j, :]
+        values = v_ref[b, pl.ds(fetch, geometry.rows), j, :]
         return _accumulate(state, q, keys, values, start - fetch, length, heads, scale)
 
-    state = lax.fori_loop(0, total, body, _empty_state(*q.shape))
-    out_ref[b, j], lse_ref[b, j] = _finish(state)
+    state = lax.fori_loop(first, last, body, _empty_state(*q.shape))
+    out_ref[b, j, split], lse_ref[b, j, split] = _finish(state)
 
 
-def _triton_call(pieces, regions, q, key, value, *, scale, tile, interpret):
+def _triton_call(pieces, regions, q, key, value, *, scale, geometry, splits, interpret):
     batch, num_kv_heads, group, head_dim = q.shape
     rows = max(TRITON_MIN_DOT, pl.next_power_of_2(group))
     q = jnp.pad(q, [(0, 0), (0, 0), (0, rows - group), (0, 0)])
-    kernel = functools.partial(_triton_kernel, scale=scale, group=group, tile=tile)
+    kernel = functools.partial(
+        _triton_kernel, scale=scale, group=group, splits=splits, geometry=geometry
+    )
     out, lse = pl.pallas_call(
         kernel,
-        grid=(batch, num_kv_heads),
+        grid=(batch, num_kv_heads, splits),
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, jnp.float32),
-            jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, 1), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="gaze_decode",
     )(*pieces, *regions, q, key, value)
-    return out[:, :, :group], lse[:, :, :group, 0]
+    return out[:, :, :, :group], lse[:, :, :, :group, 0]
