@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from dense_reference import dense_decode
 from timing import median_ms
+from visual_units import visual_segments
 
 from gazejax.gaze import (
     TextSegment,
-    VisualSegment,
     batch_layouts,
     build_layout,
     gaze_kv_size,
@@ -38,14 +38,6 @@ from kernels.gaze_attention import TokenKind, TokenMeta, gaze_attention, region_
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 REGION = (6, 6, 1)
 NUM_CONTEXT, TEXT_TOKENS, KV_FRACTION = 4, 32, 0.16
-
-
-def frame_grid(n_visual: int) -> tuple[int, int, int]:
-    """``(frames, height, width)`` with ``frames·height·width == n_visual``."""
-    for side in (24, 32):
-        if n_visual % (side * side) == 0:
-            return n_visual // (side * side), side, side
-    raise ValueError(f"n_visual {n_visual} is not a whole number of 24×24 or 32×32 frames")
 
 
 def dense_broadcast(query, key, value, cache=None):
@@ -76,9 +68,8 @@ def gaze_step(query, key, value, cache, **options):
 
 def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict]:
     """Times dense and each gaze implementation on one cache; one record per (routing, impl)."""
-    frames, height, width = frame_grid(n_visual)
     layout = build_layout(
-        [TextSegment(TEXT_TOKENS), VisualSegment(height, width, frames), TextSegment(TEXT_TOKENS)],
+        [TextSegment(TEXT_TOKENS), *visual_segments(n_visual), TextSegment(TEXT_TOKENS)],
         REGION,
         NUM_CONTEXT,
     )

@@ -1,21 +1,25 @@
 """Gaze-attention kernels: decode bytes, time and bandwidth; training time and peak memory.
 
 Qwen3-4B-like attention (32 query heads, 8 KV heads, head_dim 128), batch 1, regions 6×6
-(m = 36), |C| = 4 context tokens per 24×24 visual unit (576 tokens; a remainder of N becomes one
-smaller unit), K = 20. Everything runs side by side in one process; times are medians of
-interleaved repetitions.
+(m = 36), |C| = 4 context tokens per 24×24 visual unit (576 tokens; any N >= 108: the remainder
+becomes one or two smaller units, ``visual_units.py``), K = 20. Everything runs side by side in
+one process; times are medians of interleaved repetitions. A case that fails (out of memory, a
+compile error) becomes a row saying so, and the run goes on.
 
 Decode (one text query after ``32 text + N visual + 32 text`` cached tokens): per N and routing,
-``dense`` (einsum/softmax over the whole cache), gaze ``xla`` and gaze ``pallas``. ``must-read``
+``dense`` (einsum/softmax over the whole cache), ``cudnn`` (on GPU: ``jax.nn.dot_product_attention``
+with cuDNN's fused kernel; a row notes where cuDNN has none), gaze ``xla`` and gaze ``pallas``
+(the flash-decoding kernel, default splits). ``must-read``
 is the theoretical floor in bytes: dense reads all K/V; gaze reads the text and context K/V, the
 K/V of the regions selected (counted from the actual selection, deduplicated per KV head: a region
 chosen by several query heads of a GQA group is read once) and the region descriptors it scores.
 ``reads`` is what the implementation fetches (xla: per selecting head, no dedup; pallas: whole
-tiles of 48 rows on TPU / 64 on GPU). ``GB/s`` is must-read bytes over time.
+windows of 64 rows, ``pallas_decode.window``). ``GB/s`` is must-read bytes over time.
 
 Training (all ``L = 32 text + N visual + |C|·units + 2016 text`` tokens are queries, 2048 text
 queries): forward + backward (``grad`` of ``sum(out · w)`` w.r.t. q, k, v) of dense causal
-attention (einsum, full score matrix; plus ``jax.nn.dot_product_attention`` on GPU/TPU) and gaze
+attention (einsum, full score matrix; plus ``jax.nn.dot_product_attention`` on GPU/TPU as
+``sdpa`` (XLA's choice) and ``cudnn`` (cuDNN's fused flash attention, GPU)) and gaze
 ``xla`` / ``pallas``. Peak memory is the compiled executable's ``memory_analysis()``
 (arguments + outputs + temporaries - aliased). The floor is FLOPs: ``4·d·Σ visible (query, head)
 pairs`` forward, ×2.5 forward + backward (dense: causal; gaze: from the actual selection).
@@ -40,10 +44,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from dense_reference import dense_decode
+from dense_reference import cudnn_decode, dense_decode
 from timing import median_ms
+from visual_units import visual_segments
 
-from gazejax.gaze import TextSegment, VisualSegment, batch_layouts, build_layout
+from gazejax.gaze import TextSegment, batch_layouts, build_layout
 from kernels.gaze_attention import (
     TokenKind,
     TokenMeta,
@@ -55,7 +60,7 @@ from kernels.gaze_attention import (
 
 HEADS = (32, 8, 128)  # query heads, KV heads, head_dim
 REGION = (6, 6, 1)
-NUM_CONTEXT, UNIT_SIDE, TOP_K = 4, 24, 20
+NUM_CONTEXT, TOP_K = 4, 20
 DECODE_TEXT = 32  # text tokens before and after the visual tokens of the decode cache
 TRAIN_TEXT, TEXT_BEFORE = 2048, 32
 INTERPRET = "interpret mode: not a speed"
@@ -98,18 +103,45 @@ def device_info(args) -> dict:
     )
 
 
-def visual_segments(n_visual: int) -> list[VisualSegment]:
-    """``n_visual`` tokens as 24×24 frames (one unit each) plus one smaller unit if needed."""
-    unit = UNIT_SIDE * UNIT_SIDE
-    segments = [VisualSegment(UNIT_SIDE, UNIT_SIDE, n_visual // unit)] if n_visual >= unit else []
-    rest = n_visual % unit
-    if rest:
-        heights = [h for h in range(1, UNIT_SIDE + 1) if rest % h == 0 and rest // h <= UNIT_SIDE]
-        if not heights:
-            raise ValueError(f"{n_visual} visual tokens: remainder {rest} fits no <= 24×24 grid")
-        height = min(heights, key=lambda h: abs(h - rest // h))  # the squarest grid
-        segments.append(VisualSegment(height, rest // height))
-    return segments
+def output_of(step):
+    """``step`` without the selection it also returns."""
+    return lambda *operands: step(*operands)[0]
+
+
+def compile_each(functions: dict, operands) -> tuple[dict, dict]:
+    """Each jitted function compiled for ``operands``; ``(compiled, notes)``, a note (and no
+    executable) for each that does not compile, e.g. no cuDNN kernel for a shape."""
+    compiled, notes = {}, {}
+    for name, f in functions.items():
+        try:
+            compiled[name] = jax.jit(f).lower(*operands).compile()
+        except Exception as error:  # noqa: BLE001 - reported in the row
+            notes[name] = f"does not compile: {first_line(error)}"
+    return compiled, notes
+
+
+def first_line(error: Exception) -> str:
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def guarded(run, n_visual: int, *args, info: dict) -> list[dict]:
+    """``run(n_visual, *args, info)``'s rows, or one row saying why the case failed (out of
+    memory at run time, ...), so one case cannot end the benchmark."""
+    try:
+        return run(n_visual, *args, info)
+    except Exception as error:  # noqa: BLE001 - reported in the row
+        note = f"failed: {first_line(error)}"
+        print(f"  N={n_visual}: {note}", flush=True)
+        return [
+            dict(
+                device=info["device"],
+                platform=info["platform"],
+                n_visual=n_visual,
+                impl="-",
+                note=note,
+            )
+        ]
 
 
 def max_error(actual, expected) -> float:
@@ -223,18 +255,21 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
         descriptors.size * descriptors.dtype.itemsize,
     )
     dense_bytes = 2 * length * num_kv_heads * head_dim * dtype.itemsize
-    xla_fn, pallas_fn = gaze("xla"), gaze("pallas")
     interpret = info["platform"] == "cpu"
-    timed = [jax.jit(dense_decode), lambda *a: xla_fn(*a)[0]]
-    if not interpret:
-        timed.append(lambda *a: pallas_fn(*a)[0])
-    times = median_ms(timed, operands, args.reps)
-    errors = {
-        impl: max_error(f(*operands)[0], expected)
-        for impl, f in (("xla", xla_fn), ("pallas", pallas_fn))
+    outputs = {
+        "dense": jax.jit(dense_decode),
+        "xla": output_of(gaze("xla")),
+        "pallas": output_of(gaze("pallas")),
     }
+    if info["platform"] == "gpu":
+        outputs["cudnn"] = jax.jit(cudnn_decode)
+    compiled, notes = compile_each(outputs, operands)
+    timed = [i for i in compiled if not (interpret and i == "pallas")]
+    times = median_ms([compiled[i] for i in timed], operands, args.reps)
+    times = dict(zip(timed, times, strict=True))
+    errors = {i: max_error(compiled[i](*operands), expected) for i in compiled if i != "dense"}
 
-    platform = "gpu" if info["platform"] in ("gpu", "cuda", "rocm") else "tpu"
+    platform = "gpu" if info["platform"] == "gpu" else "tpu"
     base = dict(
         section="decode",
         **{k: info[k] for k in ("device", "platform")},
@@ -248,34 +283,23 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
         num_regions=table.num_regions,
         **{k: v for k, v in nbytes.items() if k != "pallas_reads"},
     )
+    reads = dict(
+        dense=dense_bytes,
+        cudnn=dense_bytes,
+        xla=nbytes["xla_reads"],
+        pallas=nbytes["pallas_reads"][platform],
+    )
     rows = [
         dict(
             base,
-            impl="dense",
-            floor_bytes=dense_bytes,
-            reads_bytes=dense_bytes,
-            median_ms=times[0],
-            error=None,
-            note="",
-        ),
-        dict(
-            base,
-            impl="xla",
-            floor_bytes=nbytes["must_read"],
-            reads_bytes=nbytes["xla_reads"],
-            median_ms=times[1],
-            error=errors["xla"],
-            note="",
-        ),
-        dict(
-            base,
-            impl="pallas",
-            floor_bytes=nbytes["must_read"],
-            reads_bytes=nbytes["pallas_reads"][platform],
-            median_ms=None if interpret else times[2],
-            error=errors["pallas"],
-            note=INTERPRET if interpret else "",
-        ),
+            impl=impl,
+            floor_bytes=dense_bytes if impl in ("dense", "cudnn") else nbytes["must_read"],
+            reads_bytes=reads[impl],
+            median_ms=times.get(impl),
+            error=errors.get(impl),
+            note=notes.get(impl) or (INTERPRET if interpret and impl == "pallas" else ""),
+        )
+        for impl in outputs
     ]
     for r in rows:
         ms = r["median_ms"]
@@ -365,10 +389,17 @@ def calibrate(args, dtype) -> float:
 
 
 # Computed FLOPs relative to the dense rectangle (4·q·kv·d·h·2.5), for skipping only.
-COST = {"dense": 1.0, "sdpa": 1.0, "xla": 3.5 / 2.5, "pallas": 1.0, "pallas_interpret": 3.0}
+COST = {
+    "dense": 1.0,
+    "sdpa": 1.0,
+    "cudnn": 1.0,
+    "xla": 3.5 / 2.5,
+    "pallas": 1.0,
+    "pallas_interpret": 3.0,
+}
 
 
-def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
+def run_train(n_visual: int, args, rate: float, info: dict) -> list[dict]:
     num_heads, num_kv_heads, head_dim = args.heads
     text = args.train_text
     layout = build_layout(
@@ -418,6 +449,9 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
     impls = {
         "dense": lambda q, k, v, meta, table: dense_train_attention(q, k, v, meta.position),
         "sdpa": lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        "cudnn": lambda q, k, v, *_: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"
+        ),
         "xla": gaze("xla"),
         "pallas": gaze("pallas"),
     }
@@ -436,7 +470,8 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
     )
     rows, results = [], {}
     for impl in args.train_impls:
-        floor = 4 * head_dim * (dense_pairs if impl in ("dense", "sdpa") else gaze_pairs) * 2.5
+        dense = impl in ("dense", "sdpa", "cudnn")
+        floor = 4 * head_dim * (dense_pairs if dense else gaze_pairs) * 2.5
         row = dict(
             base,
             impl=impl,
@@ -467,15 +502,18 @@ def run_train(n_visual: int, args, info: dict, rate: float) -> list[dict]:
         if estimate > args.max_seconds:
             row["note"] = f"skipped: est. {estimate:.0f} s/call > --max-seconds {args.max_seconds}"
             continue
-        if interpreted:
-            (_, out), grads = fn(*operands)
-            results[impl] = (out, grads)
-            row["note"] = INTERPRET
-        else:
-            (ms,) = median_ms([compiled], operands, args.train_reps)
-            (_, out), grads = compiled(*operands)
-            results[impl] = (out, grads)
-            row["median_ms"] = ms
+        try:
+            if interpreted:
+                (_, out), grads = fn(*operands)
+                row["note"] = INTERPRET
+            else:
+                (ms,) = median_ms([compiled], operands, args.train_reps)
+                (_, out), grads = compiled(*operands)
+                row["median_ms"] = ms
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory at run time
+            row["note"] = f"failed: {first_line(error)}"
+            continue
+        results[impl] = (out, grads)
     oracle = results.get("xla")
     for row in rows:
         ms = row["median_ms"]
@@ -496,15 +534,43 @@ def fmt(x, spec: str, missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
+DECODE_COLUMNS = (
+    "device",
+    "n_visual",
+    "routing",
+    "impl",
+    "floor_bytes",
+    "reads_bytes",
+    "median_ms",
+    "gbps",
+    "floor_ms",
+    "error",
+)
+TRAIN_COLUMNS = (
+    "device",
+    "n_visual",
+    "seq_len",
+    "impl",
+    "median_ms",
+    "peak_bytes",
+    "temp_bytes",
+    "floor_flops",
+    "tflops",
+    "floor_ms",
+    "error",
+)
+
+
 def print_decode(rows) -> None:
     print(
         f"{'decode':6} {'device':12} {'N':>6} {'routing':8} {'impl':7} {'must-read MiB':>13} "
         f"{'reads MiB':>9} {'ms':>8} {'GB/s':>7} {'floor ms':>8} {'max err':>8}  note"
     )
     for r in rows:
+        r = {k: r.get(k) for k in DECODE_COLUMNS} | {"note": r["note"]}
         print(
-            f"{'':6} {r['device']:12} {r['n_visual']:>6} {r['routing']:8} {r['impl']:7} "
-            f"{r['floor_bytes'] / 2**20:>13.2f} {r['reads_bytes'] / 2**20:>9.2f} "
+            f"{'':6} {r['device']:12} {r['n_visual']:>6} {fmt(r['routing'], '8'):8} {r['impl']:7} "
+            f"{fmt(mib(r['floor_bytes']), '13.2f'):>13} {fmt(mib(r['reads_bytes']), '9.2f'):>9} "
             f"{fmt(r['median_ms'], '8.2f'):>8} {fmt(r['gbps'], '7.1f'):>7} "
             f"{fmt(r['floor_ms'], '8.3f'):>8} {fmt(r['error'], '8.1e'):>8}  {r['note']}",
             flush=True,
@@ -522,10 +588,12 @@ def print_train(rows) -> None:
         f"{'floor ms':>8} {'max err':>8}  note"
     )
     for r in rows:
+        r = {k: r.get(k) for k in TRAIN_COLUMNS} | {"note": r["note"]}
+        gflop = None if r["floor_flops"] is None else r["floor_flops"] / 1e9
         print(
-            f"{'':6} {r['device']:12} {r['n_visual']:>6} {r['seq_len']:>6} {r['impl']:7} "
+            f"{'':6} {r['device']:12} {r['n_visual']:>6} {fmt(r['seq_len'], '6'):>6} {r['impl']:7} "
             f"{fmt(r['median_ms'], '10.1f'):>10} {fmt(mib(r['peak_bytes']), '9.1f'):>9} "
-            f"{fmt(mib(r['temp_bytes']), '9.1f'):>9} {r['floor_flops'] / 1e9:>11.1f} "
+            f"{fmt(mib(r['temp_bytes']), '9.1f'):>9} {fmt(gflop, '11.1f'):>11} "
             f"{fmt(r['tflops'], '7.3f'):>7} {fmt(r['floor_ms'], '8.2f'):>8} "
             f"{fmt(r['error'], '8.1e'):>8}  {r['note']}",
             flush=True,
@@ -568,7 +636,7 @@ def main() -> None:
         "--train-impls",
         nargs="+",
         default=None,
-        help="dense sdpa xla pallas (default: sdpa only off CPU)",
+        help="dense sdpa cudnn xla pallas (default: sdpa and cudnn only off CPU, cudnn on GPU)",
     )
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, else bfloat16")
     parser.add_argument("--reps", type=int, default=20)
@@ -603,7 +671,9 @@ def main() -> None:
     args.train_text = args.train_text or (256 if args.quick else TRAIN_TEXT)
     train_heads = args.train_heads or ([8, 2, 128] if args.quick else args.heads)
     args.train_impls = args.train_impls or (
-        ["dense", "xla", "pallas"] if cpu else ["dense", "sdpa", "xla", "pallas"]
+        ["dense", "xla", "pallas"]
+        if cpu
+        else ["dense", "sdpa", *(["cudnn"] if info["platform"] == "gpu" else []), "xla", "pallas"]
     )
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{info['platform']}.json"
@@ -623,7 +693,7 @@ def main() -> None:
         rows = []
         for n_visual in args.sizes:
             for route in args.routings:
-                rows += run_decode(n_visual, route, args, info)
+                rows += guarded(run_decode, n_visual, route, args, info=info)
         print_decode(rows)
         records += rows
     if not args.skip_train:
@@ -636,7 +706,7 @@ def main() -> None:
         )
         rows = []
         for n_visual in args.train_sizes:
-            rows += run_train(n_visual, args, info, rate)
+            rows += guarded(run_train, n_visual, args, rate, info=info)
         print_train(rows)
         records += rows
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
-from kernels.gaze_attention import TokenKind, gaze_attention, pallas_train, routing, xla
+from kernels.gaze_attention import (
+    TokenKind,
+    gaze_attention,
+    pallas_train,
+    resolve_implementation,
+    routing,
+    xla,
+)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 IMPLEMENTATIONS = ["reference", "xla", "pallas"]
@@ -470,3 +477,11 @@ def test_invalid_options_name_the_key(options, match):
         functools.partial(gaze_attention, case.q, case.k, case.v, case.meta, case.meta, case.table)(
             **options
         )
+
+
+def test_auto_picks_the_platform_s_implementation_and_names_are_checked():
+    native = "xla" if jax.default_backend() == "cpu" else "pallas"
+    assert resolve_implementation("auto") == native
+    np.testing.assert_array_equal(PADDED("auto", top_k=2), PADDED(native, top_k=2))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        PADDED("fast", top_k=2)

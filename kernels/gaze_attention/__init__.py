@@ -8,12 +8,18 @@ This package is the floor of the repository and imports nothing from ``gazejax``
 - ``dispatch.py``: :func:`gaze_attention`, which selects once and calls one
   ``attend_selected_*`` implementation: ``reference.py`` (the masked dense oracle), ``xla.py``
   (region-gather decode, blockwise many-query), ``pallas_decode.py`` and ``pallas_train.py``
-  (Pallas kernels: Mosaic on TPU, Triton on GPU, the interpreter on CPU).
+  (Pallas kernels: Mosaic on TPU, Triton on GPU, the interpreter on CPU; ``platform.py``
+  picks which); ``"auto"`` is Pallas on a GPU/TPU and xla on a CPU.
 - ``sharded.py``: :func:`sharded_gaze_decode`, a decode step over a KV cache sharded along its
   sequence axis, with any implementation.
 """
 
-from kernels.gaze_attention.dispatch import ATTEND_SELECTED, IMPLEMENTATIONS, gaze_attention
+from kernels.gaze_attention.dispatch import (
+    ATTEND_SELECTED,
+    IMPLEMENTATIONS,
+    gaze_attention,
+    resolve_implementation,
+)
 from kernels.gaze_attention.metadata import (
     RegionTable,
     TokenKind,
@@ -46,6 +52,7 @@ __all__ = [
     "gaze_attention",
     "region_descriptors",
     "region_table",
+    "resolve_implementation",
     "routable",
     "select_regions",
     "sharded_gaze_decode",

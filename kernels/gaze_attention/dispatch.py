@@ -28,7 +28,7 @@ from kernels.gaze_attention.reference import attend_selected_reference
 from kernels.gaze_attention.routing import Selection
 from kernels.gaze_attention.xla import attend_selected_xla
 
-Implementation = Literal["reference", "xla", "pallas"]
+Implementation = Literal["reference", "xla", "pallas", "auto"]
 AttendSelected = Callable[..., tuple[jax.Array, jax.Array]]
 
 
@@ -70,7 +70,17 @@ ATTEND_SELECTED: dict[str, AttendSelected] = {
     "xla": attend_selected_xla,
     "pallas": attend_selected_pallas,
 }
-IMPLEMENTATIONS: tuple[str, ...] = tuple(ATTEND_SELECTED)
+IMPLEMENTATIONS: tuple[str, ...] = (*ATTEND_SELECTED, "auto")
+
+
+def resolve_implementation(implementation: Implementation) -> str:
+    """``"auto"`` → the Pallas kernels on a GPU or TPU, ``"xla"`` on a CPU (where Pallas only
+    interprets); any other name is itself (checked)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    return implementation
 
 
 def gaze_attention(
@@ -112,7 +122,8 @@ def gaze_attention(
       routing: ``"per_head"`` (every query head selects) or ``"shared"`` (one selection per
         GQA group from the sum of its heads' scores).
       scale: logit scale; default ``1 / sqrt(head_dim)``.
-      implementation: a key of :data:`ATTEND_SELECTED`.
+      implementation: a key of :data:`ATTEND_SELECTED`, or ``"auto"`` (Pallas on a GPU/TPU,
+        ``"xla"`` on a CPU: :func:`resolve_implementation`).
       max_unrouted_tokens: xla and pallas decode only: static bound on the text + context
         tokens of a sample; with it decode reads just those and the selected regions (text
         queries only), without it decode reads the whole cache outside the regions.
@@ -124,8 +135,7 @@ def gaze_attention(
     """
     routing_lib.validate_top_k(top_k)
     routing_lib.validate_routing(routing)
-    if implementation not in ATTEND_SELECTED:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = resolve_implementation(implementation)
     num_heads, head_dim = query.shape[2:]
     if key.shape != value.shape or key.shape[-1] != head_dim or num_heads % key.shape[2]:
         raise ValueError(

@@ -102,7 +102,8 @@ def attend_selected_pallas_decode(
         segments there may be.
       backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton), ``"cpu"`` (the
         TPU kernel, interpreted); default from ``jax.default_backend()``.
-      interpret: run the kernel in interpret mode; default: on CPU.
+      interpret: run the kernel in interpret mode; default: where the default device cannot
+        run it (a CPU; the Mosaic kernel on a GPU).
 
     Returns:
       ``(out [batch, 1, num_heads, head_dim] float32 normalised, lse [batch, 1, num_heads]
@@ -110,7 +111,7 @@ def attend_selected_pallas_decode(
     """
     routing_lib.validate_routing(routing)
     compiler = compiler_for(backend)
-    interpret = interprets(interpret)
+    interpret = interprets(interpret, compiler)
     batch, _, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     group = num_heads // num_kv_heads

@@ -3,7 +3,8 @@
 The kernels choose at trace time (their tiling and their XLA-side work lists depend on it), from
 an explicit ``backend`` or ``jax.default_backend()``: ``"tpu"`` compiles with Mosaic,
 ``"gpu"``/``"cuda"``/``"triton"`` with Triton, and ``"cpu"`` runs the interpreter. An explicit
-backend lets a CPU-only host compile for a device it does not have (``tests/aot``).
+backend lets a CPU-only host compile for a device it does not have (``tests/aot``), and a GPU
+interpret the TPU kernel (the tests check both variants everywhere).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def compiler_for(backend: Backend | None) -> Compiler:
     raise ValueError(f"backend must be tpu, cpu, gpu, cuda or triton, got {backend!r}")
 
 
-def interprets(interpret: bool | None) -> bool:
-    """``interpret``, by default whether JAX's default backend is the CPU."""
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+def interprets(interpret: bool | None, compiler: Compiler | None = None) -> bool:
+    """``interpret``, by default whether the default device cannot run ``compiler``'s kernels
+    natively (a CPU runs none; a GPU runs Triton's, a TPU Mosaic's)."""
+    if interpret is not None:
+        return bool(interpret)
+    native = {"gpu": "triton", "tpu": "mosaic"}.get(jax.default_backend())
+    return native is None or (compiler is not None and compiler != native)
