@@ -209,6 +209,19 @@ def jsonl_file(tmp_path_factory):
 
 
 def test_jsonl_spec_and_bad_lines(tmp_path):
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--budgets", "0"], "budgets are fractions in (0, 1], got 0.0"),
+    ],
+)
+def test_options_are_used_as_given_or_refused(workdir, tmp_path, capsys, options, message):
+    argv = ["--workdir", str(workdir), "--methods", "gaze", "--examples", "2", "--no-progress"]
+    assert evaluate_cli.main([*argv, "--out", str(tmp_path), *options]) == 1
+    assert message in capsys.readouterr().err
+
+
     assert jsonl.JsonlSpec.parse("jsonl:x/mme.jsonl") == jsonl.JsonlSpec("x/mme.jsonl", "mme")
     assert jsonl.JsonlSpec.parse("jsonl:x/mme.jsonl:MME") == jsonl.JsonlSpec("x/mme.jsonl", "MME")
     good = {"question": "what color?", "options": ["red", "blue"], "answer": "B"}

@@ -260,6 +260,10 @@ def test_bad_model_args_are_refused(local, tmp_path):
         GazeJaxLMM(workdir=str(workdir), top_k=2, budget=0.5)
     with pytest.raises(ValueError, match="budget"):
         GazeJaxLMM(workdir=str(workdir), budget=1.5)
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        GazeJaxLMM(workdir=str(workdir), attention="gaze", top_k=0)
+    with pytest.raises(ValueError, match="max_frames must be >= 1, got 0"):
+        GazeJaxLMM(workdir=str(workdir), max_frames=0)
     with pytest.raises(ValueError, match="score"):
         GazeJaxLMM(workdir=str(workdir), score="loss")
     with pytest.raises(ValueError, match="batch_size"):
