@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from gazejax.configuration import parse_variant
 from gazejax.presets import QWEN3_4B, cambrian_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return cambrian_config(parse_variant(arg), QWEN3_4B, video=False)
+    return cambrian_config(arg, QWEN3_4B, video=False)

@@ -2,16 +2,15 @@
 
 Frames at 1 FPS, at most 32 (uniform subsampling beyond); each frame is 12x12 tokens in 4
 regions of 6x6x1, with 4 context tokens. ``top_k=20`` regions attend to 720 + 128 of 4608 visual
-entries. Variants as in ``cambrian_4b_image.py``.
+entries. Variants as in ``cambrian_4b_image.py`` but ``compress`` (always on for video).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from gazejax.configuration import parse_variant
 from gazejax.presets import QWEN3_4B, cambrian_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return cambrian_config(parse_variant(arg), QWEN3_4B, video=True)
+    return cambrian_config(arg, QWEN3_4B, video=True)

@@ -15,12 +15,38 @@ import ml_collections
 from gazejax.sharding import DEFAULT_LOGICAL_AXIS_RULES
 
 
-def parse_variant(arg: str | None) -> dict[str, str]:
+class ConfigError(ValueError):
+    """A config key that is unknown, missing, of the wrong type, or inconsistent."""
+
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "stage": ("1", "2"),
+    "attention": ("dense", "gaze"),
+    "runlocal": (),
+}
+"""The variants every config file takes: key -> allowed values (``()``: a flag, no value)."""
+
+
+def parse_variant(
+    arg: str | None, known: Mapping[str, tuple[str, ...]] = VARIANTS
+) -> dict[str, str]:
     """``"stage=1,attention=gaze,runlocal"`` -> ``{"stage": "1", "attention": "gaze",
-    "runlocal": "1"}`` (the string after ``config.py:`` on the command line)."""
+    "runlocal": "1"}`` (the string after ``config.py:`` on the command line).
+
+    Args:
+      known: the config file's variants: :data:`VARIANTS`, or a table that extends it.
+
+    Raises:
+      ConfigError: an unknown variant, a value that is not allowed or a flag given a value
+        (listing the known variants).
+    """
     out = {}
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
+        key, has_value, value = item.partition("=")
+        allowed = known.get(key)
+        if allowed is None or (value not in allowed if allowed else has_value):
+            usage = ", ".join(f"{k}={'|'.join(v)}" if v else k for k, v in known.items())
+            raise ConfigError(f"unknown config variant {item!r}; known: {usage}")
         out[key] = value or "1"
     return out
 
@@ -151,10 +177,6 @@ SCHEMA: dict = {
 }
 
 
-class ConfigError(ValueError):
-    """A config key that is unknown, missing, of the wrong type, or inconsistent."""
-
-
 def _check_keys(config: Mapping, schema: Mapping, prefix: str) -> None:
     unknown = sorted(set(config) - set(schema))
     if unknown:
@@ -172,6 +194,21 @@ def _check_keys(config: Mapping, schema: Mapping, prefix: str) -> None:
             continue
         elif expected is not FREE and not isinstance(value, expected):
             raise ConfigError(f"config.{prefix}{key} must be {expected.__name__}, got {value!r}")
+
+
+def _check_top_k_fits_buckets(top_k: int, buckets: Mapping[str, Mapping]) -> None:
+    """K must not exceed the regions a sample of the largest bucket holds: a larger K would train
+    (and log) a K that no sample has, i.e. dense attention under gaze's name."""
+    sizes = [(b["num_regions"], name) for name, b in buckets.items() if "num_regions" in b]
+    if not sizes:
+        return
+    most, name = max(sizes)
+    if top_k > most:
+        raise ConfigError(
+            f"config.model.gaze.top_k={top_k} is more than the {most} regions a training "
+            f"sample holds (config.data.buckets.{name}.num_regions); K={most} already selects "
+            "every region"
+        )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -207,6 +244,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.model.attention == "gaze" and config.model.gaze.top_k < 1:
         raise ConfigError(f"config.model.gaze.top_k must be >= 1, got {config.model.gaze.top_k}")
+    if config.model.attention == "gaze":
+        _check_top_k_fits_buckets(config.model.gaze.top_k, config.data.buckets.to_dict())
     if not 0.0 <= config.progressive_top_k.decay_fraction <= 1.0:
         raise ConfigError("config.progressive_top_k.decay_fraction must be in [0, 1]")
     if config.data.name not in ("synthetic", "jsonl"):

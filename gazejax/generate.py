@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
-        "--top-k", type=int, default=None, help="gaze K at decode (default: the model config's)"
+        "--top-k",
+        type=int,
+        default=None,
+        help="gaze K, regions per query head, from 1 to the prompt's regions (default: the model "
+        "config's); gaze decoding or the --attention-map's gaze row only",
     )
     parser.add_argument(
         "--attention",
@@ -89,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_top_k_is_used(args: argparse.Namespace, gaze: bool) -> None:
+    """Raises ValueError naming ``--top-k`` when it is below 1 or nothing would read it (dense
+    decoding without an ``--attention-map``, whose gaze row reads it)."""
+    if args.top_k is None:
+        return
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if not gaze and not args.attention_map:
+        raise ValueError(
+            "--top-k is gaze's K, but --attention dense decodes with dense attention"
+            if args.attention
+            else "--top-k is gaze's K, but this checkpoint is dense (add --attention gaze)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (errors are printed to stderr, status 1)."""
     args = _parser().parse_args(argv)
@@ -97,20 +116,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = checkpoint.config
         if args.attention:
             config = with_attention(config, args.attention)
-        if args.routing_map and config.decoder.attention != "gaze":
+        gaze = config.decoder.attention == "gaze"
+        if args.routing_map and not gaze:
             raise ValueError("--routing-map needs gaze attention (add --attention gaze)")
+        _check_top_k_is_used(args, gaze)
         if not args.image and not args.video:
             raise ValueError("give at least one --image or --video")
         visuals = load_visuals(
             args.image,
             args.video,
             image_size=config.vit.image_size,
-            max_frames=args.max_frames or checkpoint.max_frames,
+            max_frames=checkpoint.max_frames if args.max_frames is None else args.max_frames,
             fps=args.fps,
         )
         prompt = build_prompt(
             config, checkpoint.tokenizer, args.prompt, visuals, checkpoint.system_prompt
         )
+        if args.top_k is not None and args.top_k > prompt.num_regions:
+            raise ValueError(
+                f"--top-k {args.top_k} is more than the {prompt.num_regions} regions of the "
+                f"prompt's images / video; K={prompt.num_regions} already selects every region"
+            )
         model = MultimodalModel(config)
         result = generate_answer(
             model,
@@ -118,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt,
             args.max_new_tokens,
             tokenizer=checkpoint.tokenizer,
-            top_k=args.top_k,
+            top_k=args.top_k if gaze else None,
             temperature=args.temperature,
             top_p=args.top_p,
             rng=jax.random.key(args.seed),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gazejax.configuration import base_config
+from gazejax.configuration import VARIANTS, base_config, parse_variant
 
 SIGLIP2_SO400M_16_384 = dict(variant="So400m/16", image_size=384, output="penultimate", remat=True)
 QWEN3_4B = dict(
@@ -26,10 +26,11 @@ QWEN3_4B = dict(
 )
 
 
-def cambrian_config(
-    variant: dict[str, str], decoder: dict, video: bool
-) -> ml_collections.ConfigDict:
-    """The shared shape of the Cambrian configs; ``video`` switches to frame sequences."""
+def cambrian_config(arg: str | None, decoder: dict, video: bool) -> ml_collections.ConfigDict:
+    """The shared shape of the Cambrian configs at variant ``arg`` (``get_config``'s): the
+    common :data:`~gazejax.configuration.VARIANTS`, and ``compress`` for images (video always
+    compresses). ``video`` switches to frame sequences."""
+    variant = parse_variant(arg, VARIANTS if video else {**VARIANTS, "compress": ()})
     stage = int(variant.get("stage", 1))
     config = base_config(stage, variant.get("attention", "dense"))
     compress = video or "compress" in variant

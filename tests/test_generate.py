@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -162,3 +165,34 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     argv = ["--checkpoint", str(tmp_path), "--image", "x.png", "--prompt", QUESTION]
     assert generate_cli.main(argv) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dense_workdir(workdir, tmp_path_factory):
+    """The same weights, trained dense as far as its config.json says."""
+    root = tmp_path_factory.mktemp("dense")
+    shutil.copytree(workdir, root, dirs_exist_ok=True)
+    config = json.loads((root / "config.json").read_text())
+    config["model"]["attention"] = "dense"
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize(
+    "dense,options,message",
+    [
+        (False, ["--top-k", "0"], "--top-k must be >= 1, got 0"),
+        (False, ["--top-k", "5"], "--top-k 5 is more than the 4 regions of the prompt's"),
+        (False, ["--attention", "dense", "--top-k", "2"], "but --attention dense decodes with"),
+        (True, ["--top-k", "2"], "but this checkpoint is dense (add --attention gaze)"),
+    ],
+)
+def test_top_k_is_used_as_given_or_refused(
+    workdir, dense_workdir, tmp_path, capsys, dense, options, message
+):
+    image = _png(tmp_path / "a.png", 1)
+    checkpoint = dense_workdir if dense else workdir
+    argv = ["--checkpoint", str(checkpoint), "--image", image, "--prompt", QUESTION, *options]
+    assert generate_cli.main([*argv, "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gazejax.data.batches import Batches, BatchShape, Bucket
 from gazejax.data.packing import Text, Visual, interleave, pack_batch
+from gazejax.gaze.geometry import PackingGeometry
 from kernels.gaze_attention import TokenKind
 from tests.test_mllm import _config
 
@@ -70,3 +72,18 @@ def test_pack_batch_names_what_does_not_fit():
         pack_batch([sample], config.geometry, length=128, max_units=2, num_regions=16)
     with pytest.raises(ValueError, match="length=20"):
         pack_batch([sample], config.geometry, length=20, max_units=3, num_regions=16)
+
+
+def test_a_bucket_too_small_names_its_config_key_and_the_value_needed():
+    """region_size (1, 1, 1) on the default's 6x6 images: 36 regions, the bucket holds 9."""
+    geometry = PackingGeometry(
+        unit_grid=(6, 6), region_size=(1, 1, 1), num_context_tokens=4, image_size=96
+    )
+    sample = [Text(np.arange(1, 6)), Visual(np.zeros((1, 96, 96, 3), np.float32))]
+    bucket = Bucket("image", lambda index: (sample, {}), BatchShape(80, 1, 9))
+    with pytest.raises(ValueError) as error:
+        Batches([bucket], 2, geometry)(0)
+    assert str(error.value) == (
+        "config.data.buckets.image.num_regions=9 is too small: a sample of step 0 needs 36 "
+        "(unit grid (6, 6), region_size (1, 1, 1))"
+    )

@@ -6,7 +6,9 @@
         --output GAZEJAX_DIR
 
 Hugging Face folders are local (``config.json`` + ``model.safetensors`` or a sharded index);
-nothing is downloaded. A gazejax folder is ``model.json`` + an orbax ``params`` tree.
+nothing is downloaded. A gazejax folder is ``model.json`` + an orbax ``params`` tree. An input
+that cannot be converted is one line naming the file or key, exit status 1; ``--debug`` shows
+the traceback.
 """
 
 from __future__ import annotations
@@ -76,12 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (hf_in, hf_out, npz_in):
         command.add_argument("--input", required=True)
         command.add_argument("--output", required=True)
+        command.add_argument(
+            "--debug", action="store_true", help="on an error, raise it with its traceback"
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (errors are one line on stderr, status 1)."""
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (OSError, ValueError) as error:  # ConversionError, a missing file, a bad variant
+        if args.debug:
+            raise
+        print(f"gazejax.convert: error: {error} (--debug for the traceback)", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}")
     return 0
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 
 import numpy as np
 
 from gazejax.convert.hf import abstract_params
-from gazejax.convert.mapping import Rule, export_tensors, load_params, rule
+from gazejax.convert.mapping import ConversionError, Rule, export_tensors, load_params, rule
 from gazejax.convert.siglip import FAMILY, layer_rules
 from gazejax.models.vit import VisionTransformer, ViTConfig
 
@@ -102,11 +103,15 @@ def load_big_vision_npz(path: str | os.PathLike, config: ViTConfig) -> dict:
     ``VisionTransformer(config)``; scanned and un-scanned files load into either model.
 
     Raises:
-      ConversionError: naming the tensor, if one is missing, misshapen or unused.
+      ConversionError: naming the file, if it is not a readable ``.npz`` (e.g. cut short), or
+        the tensor, if one is missing, misshapen or unused.
     """
-    with np.load(path) as npz:
-        prefix = _TWO_TOWER_PREFIX if any(k.startswith(_TWO_TOWER_PREFIX) for k in npz) else ""
-        tensors = {k[len(prefix) :]: npz[k] for k in npz if k.startswith(prefix)}
+    try:
+        with np.load(path) as npz:
+            prefix = _TWO_TOWER_PREFIX if any(k.startswith(_TWO_TOWER_PREFIX) for k in npz) else ""
+            tensors = {k[len(prefix) :]: npz[k] for k in npz if k.startswith(prefix)}
+    except (zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable .npz file: {error}") from error
     expected = abstract_params(VisionTransformer(config), FAMILY)
     return load_params(rules(config), _unscan(tensors), expected)
 

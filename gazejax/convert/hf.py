@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,13 @@ from safetensors.numpy import save_file
 
 from gazejax.convert import qwen, siglip
 from gazejax.convert.family import Family
-from gazejax.convert.mapping import ConversionError, TensorSource, export_tensors, load_params
+from gazejax.convert.mapping import (
+    ConversionError,
+    TensorSource,
+    export_tensors,
+    load_params,
+    read_json,
+)
 
 FAMILIES: tuple[Family, ...] = (qwen.FAMILY, siglip.FAMILY)
 
@@ -34,14 +41,34 @@ def family_for_model(model: nn.Module) -> Family:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
+    """The ``config.json`` of the Hugging Face folder ``path``.
+
+    Raises:
+      FileNotFoundError, ConversionError: naming the file (missing, not JSON, no model_type).
+    """
     config_path = os.path.join(os.fspath(path), "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} does not exist")
-    with open(config_path) as f:
-        config = json.load(f)
-    if "model_type" not in config:
+    config = read_json(config_path)
+    if not isinstance(config, dict) or "model_type" not in config:
         raise ConversionError(f"{config_path} has no 'model_type'")
     return config
+
+
+def build_model(hf_config: dict[str, Any], source: str) -> tuple[nn.Module, Family]:
+    """The module a Hugging Face style config describes, and its family; errors name
+    ``source``, the file the config came from.
+
+    Raises:
+      ConversionError: an unsupported ``model_type`` or a missing config key.
+    """
+    try:
+        family = family_for_model_type(hf_config["model_type"])
+        return family.build(hf_config), family
+    except KeyError as error:
+        raise ConversionError(f"{source} has no {error.args[0]!r}") from error
+    except ConversionError as error:
+        raise ConversionError(f"{source}: {error}") from error
 
 
 def abstract_params(model: nn.Module, family: Family) -> dict:
@@ -60,12 +87,13 @@ def load_hf(path: str | os.PathLike, **overrides) -> tuple[nn.Module, dict]:
     meaning, e.g. ``dtype=jnp.bfloat16``, ``remat=True`` or, for the ViT, ``scan=True``.
 
     Raises:
-      ConversionError: unsupported ``model_type``, or a missing / misshapen / unexpected tensor
-        (the message names it).
+      FileNotFoundError: no ``config.json`` or no safetensors in ``path``.
+      ConversionError: an unreadable ``config.json`` or safetensors file, an unsupported
+        ``model_type``, a missing config key, or a missing / misshapen / unexpected tensor
+        (the message names the file or the tensor).
     """
     hf_config = read_hf_config(path)
-    family = family_for_model_type(hf_config["model_type"])
-    model = family.build(hf_config)
+    model, family = build_model(hf_config, os.path.join(os.fspath(path), "config.json"))
     if overrides:
         model = model.clone(config=dataclasses.replace(model.config, **overrides))
     params = load_params(

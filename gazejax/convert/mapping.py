@@ -14,9 +14,10 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 Array = np.ndarray
 Transform = Callable[[Array], Array]
@@ -62,7 +63,31 @@ def rule(
 
 
 class ConversionError(ValueError):
-    """A checkpoint does not match the model: a missing, misshapen or unexpected tensor."""
+    """A checkpoint that cannot be read or does not match the model: an unreadable file, a
+    missing config key, or a missing, misshapen or unexpected tensor (the message names it)."""
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in the file ``path``.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ConversionError: naming the file, when it is not valid JSON (e.g. cut short).
+    """
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"{path} is not valid JSON: {error}") from error
+
+
+def open_safetensors(path: str):
+    """``safe_open(path)`` for numpy; raises ConversionError naming the file when its header
+    is bad or its data is cut short."""
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as error:
+        raise ConversionError(f"{path} is not a valid safetensors file: {error}") from error
 
 
 class TensorSource:
@@ -77,11 +102,12 @@ class TensorSource:
         index_path = os.path.join(self.folder, "model.safetensors.index.json")
         single_path = os.path.join(self.folder, "model.safetensors")
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index_path} has no 'weight_map' object")
             self._file_of = {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
         elif os.path.exists(single_path):
-            with safe_open(single_path, framework="numpy") as f:
+            with open_safetensors(single_path) as f:
                 self._file_of = dict.fromkeys(f.keys(), single_path)  # noqa: SIM118
         else:
             raise FileNotFoundError(
@@ -94,7 +120,7 @@ class TensorSource:
     def get(self, key: str) -> Array:
         if key not in self._file_of:
             raise ConversionError(f"checkpoint {self.folder} has no tensor {key!r}")
-        with safe_open(self._file_of[key], framework="numpy") as f:
+        with open_safetensors(self._file_of[key]) as f:
             return f.get_tensor(key)
 
 

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from gazejax.convert.hf import abstract_params, family_for_model, family_for_model_type
+from gazejax.convert.hf import abstract_params, build_model, family_for_model
+from gazejax.convert.mapping import ConversionError, read_json
 
 
 def save_gazejax(model: nn.Module, params: dict, path: str | os.PathLike) -> None:
@@ -30,12 +31,18 @@ def save_gazejax(model: nn.Module, params: dict, path: str | os.PathLike) -> Non
 
 
 def load_gazejax(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Reads a folder written by :func:`save_gazejax`; returns ``(module, params)``."""
+    """Reads a folder written by :func:`save_gazejax`; returns ``(module, params)``.
+
+    Raises:
+      FileNotFoundError: no ``model.json``.
+      ConversionError: a ``model.json`` that is not JSON or lacks a config key (naming it).
+    """
     path = os.path.abspath(os.fspath(path))
-    with open(os.path.join(path, "model.json")) as f:
-        meta = json.load(f)
-    family = family_for_model_type(meta["config"]["model_type"])
-    model = family.build(meta["config"])
+    meta_path = os.path.join(path, "model.json")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ConversionError(f"{meta_path} has no 'config' object")
+    model, family = build_model(meta["config"], meta_path)
     abstract = abstract_params(model, family)
     params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
     return model, params

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tokenizers
 
-from gazejax.data.packing import Text, Visual, pack_batch
+from gazejax.data.packing import PackingError, Text, Visual, pack_batch
 from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
 from gazejax.data.sources import ConversationSource, host_dataset
@@ -40,7 +40,8 @@ class Bucket:
     """A stream of examples of similar size, packed to one static shape.
 
     Each step draws one bucket (with probability proportional to ``weight``), so images are not
-    padded to the length of videos and each bucket's shape compiles once.
+    padded to the length of videos and each bucket's shape compiles once. ``name`` is its key
+    under ``config.data.buckets``, which errors name.
     """
 
     name: str
@@ -98,16 +99,29 @@ class Batches:
         return range(start, start + self.local_batch_size)
 
     def __call__(self, step: int) -> tuple[MultimodalInputs, jax.Array, list[Mapping[str, Any]]]:
+        """This host's share of batch ``step``.
+
+        Raises:
+          ValueError: a sample does not fit its bucket, naming the config key
+            (``config.data.buckets.NAME.FIELD``) and the value the sample needs.
+        """
         bucket = self.bucket(step)
         examples = [bucket.example(i) for i in self.indices(step)]
-        inputs, targets = pack_batch(
-            [items for items, _ in examples],
-            self.geometry,
-            bucket.shape.length,
-            bucket.shape.max_units,
-            bucket.shape.num_regions,
-            self.pad_id,
-        )
+        try:
+            inputs, targets = pack_batch(
+                [items for items, _ in examples],
+                self.geometry,
+                bucket.shape.length,
+                bucket.shape.max_units,
+                bucket.shape.num_regions,
+                self.pad_id,
+            )
+        except PackingError as error:
+            raise ValueError(
+                f"config.data.buckets.{bucket.name}.{error.field}={error.given} is too small: a "
+                f"sample of step {step} needs {error.needed} (unit grid {self.geometry.unit_grid}, "
+                f"region_size {self.geometry.region_size})"
+            ) from error
         return inputs, targets, [info for _, info in examples]
 
 

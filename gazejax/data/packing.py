@@ -14,6 +14,15 @@ from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
 
 
+class PackingError(ValueError):
+    """A sample that does not fit the batch shape: ``field`` (``length``, ``max_units`` or
+    ``num_regions``) is ``given`` but the sample needs ``needed``."""
+
+    def __init__(self, sample: int, field: str, needed: int, given: int):
+        super().__init__(f"sample {sample} needs {field} >= {needed}, got {field}={given}")
+        self.field, self.needed, self.given = field, needed, given
+
+
 @dataclasses.dataclass(frozen=True)
 class Text:
     """Token ids ``[n]`` of a text span and, for training, each token's target ``[n]``: the id
@@ -48,7 +57,7 @@ def pack_batch(
       The model inputs and the targets, int32 ``[batch, length]`` in storage order (-1: no loss).
 
     Raises:
-      ValueError: a sample needs more slots, units or regions than given.
+      PackingError: a sample needs more slots, units or regions than given.
     """
     h, w = geometry.unit_grid
     per_unit = geometry.tokens_per_unit
@@ -86,12 +95,12 @@ def pack_batch(
                     np.concatenate([np.full(per_unit, -1), np.arange(num_context)])
                 )
         if len(units) > max_units:
-            raise ValueError(
-                f"sample {index} has {len(units)} visual units > max_units={max_units}"
-            )
+            raise PackingError(index, "max_units", len(units), max_units)
         layout = build_layout(segments, geometry.region_size, num_context)
         if layout.length > length:
-            raise ValueError(f"sample {index} needs {layout.length} slots > length={length}")
+            raise PackingError(index, "length", layout.length, length)
+        if layout.num_regions > num_regions:
+            raise PackingError(index, "num_regions", layout.num_regions, num_regions)
         columns = [
             layout.to_storage(np.concatenate(c))
             for c in (ids, visual_index, context_index, targets)

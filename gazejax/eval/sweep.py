@@ -126,7 +126,10 @@ def sweep(
         notes.append(method.skip_reason(base) or method.note(base))
     notes = [n for n in notes if n]
     methods = [m for m in methods if not m.skip_reason(base)]
-    batch_size = batch_size or int(raw_config.get("batch_size", 8))
+    if batch_size is None:
+        batch_size = int(raw_config.get("batch_size", 8))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_token = raw_config.get("data", {}).get("pad_token", "<|endoftext|>")
     pad_id = checkpoint.tokenizer.token_to_id(pad_token) or 0
     options = LoadOptions(

@@ -114,7 +114,8 @@ def generate_answer(
       max_new_tokens: the most tokens to generate.
       tokenizer: decodes the answer's text (empty text without one); its ``<|im_end|>`` is the
         default ``eos_id``.
-      top_k: gaze K, regions per query head; default ``model.config.decoder.gaze_top_k``.
+      top_k: gaze K, regions per query head; default ``model.config.decoder.gaze_top_k``
+        (a dense model takes none).
       temperature, top_p: see :func:`~gazejax.inference.sampling.sample_next_token`; 0 is greedy.
       rng: PRNG key, needed when sampling.
       eos_id: stop once this token is generated.
@@ -122,7 +123,10 @@ def generate_answer(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     gaze = model.config.decoder.attention == "gaze"
-    top_k = (top_k or model.config.decoder.gaze_top_k) if gaze else None
+    if not gaze and top_k is not None:
+        raise ValueError(f"top_k={top_k} is gaze's K, but the model's attention is dense")
+    if gaze and top_k is None:
+        top_k = model.config.decoder.gaze_top_k
     if eos_id is None and tokenizer is not None:
         eos_id = tokenizer.token_to_id(IM_END_TOKEN)
     if temperature > 0 and rng is None:

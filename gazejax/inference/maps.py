@@ -134,7 +134,7 @@ def draw_attention_map(
 ) -> tuple[int, int]:
     """Writes the dense-vs-gaze attention map PNG (module docstring); returns its size."""
     config = model.config
-    k = top_k or config.decoder.gaze_top_k
+    k = config.decoder.gaze_top_k if top_k is None else top_k
     rows = [
         ("dense", MultimodalModel(with_attention(config, "dense"))),
         (f"gaze K={k}", MultimodalModel(with_attention(config, "gaze"))),

@@ -124,11 +124,11 @@ def attention_to_visual(
 ) -> np.ndarray:
     """The last prompt token's attention over the prompt's slots, float ``[length]``: the
     softmax weights averaged over heads, then layers (for gaze, the mask keeps text, context
-    tokens and each head's selected regions, so weights outside them are zero)."""
+    tokens and each head's selected regions, so weights outside them are zero; ``top_k``: gaze's
+    K, default the config's; dense attention does not read it)."""
     cfg = model.config.decoder
     gaze = cfg.attention == "gaze"
-    k = (top_k or cfg.gaze_top_k) if gaze else None
-    forward = jax.jit(lambda p, inputs: rotated_queries_keys(model, p, inputs, k))
+    forward = jax.jit(lambda p, inputs: rotated_queries_keys(model, p, inputs, top_k))
     layers, state = forward(params, prompt.inputs)
     meta = prompt.inputs.meta
     slot = prompt.last_slot

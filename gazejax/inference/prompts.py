@@ -41,6 +41,11 @@ class Prompt:
     num_unrouted: int
     length: int
 
+    @property
+    def num_regions(self) -> int:
+        """Regions of the prompt's images / frames (the padding's empty regions not counted)."""
+        return int((np.asarray(self.inputs.regions.length) > 0).sum())
+
 
 def prompt_items(
     tokenizer: tokenizers.Tokenizer,

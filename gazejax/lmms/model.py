@@ -4,9 +4,10 @@
   workdir: the directory given to ``python -m gazejax.train --workdir``.
   step: the checkpoint step (default: the latest).
   attention: ``dense`` or ``gaze`` (default: the checkpoint's); the same weights either way.
-  top_k / budget: gaze only, at most one: K regions per query head, or the fraction of each
-    request's visual regions, ``K = max(1, round(budget · regions))`` as in
-    ``python -m gazejax.evaluate``; default the checkpoint's ``gaze.top_k``.
+  top_k / budget: gaze only, at most one: K >= 1 regions per query head, or the fraction of
+    each request's visual regions, ``K = max(1, round(budget · regions))`` as in
+    ``python -m gazejax.evaluate``; default the checkpoint's ``gaze.top_k``. A request with at
+    most K regions reads all of them (DESIGN.md §3): one K serves requests of every size.
   max_new_tokens: when a task's ``generation_kwargs`` name none (default 32).
   max_frames, fps: video sampling (default: the training data's ``max_frames``, 1 frame/s).
   seed: sampling seed (request ``i`` samples with ``fold_in(key(seed), i)``).
@@ -156,6 +157,8 @@ class GazeJaxLMM(lmms):
             raise ValueError("gazejax: give top_k or budget, not both")
         if attention == "dense" and (top_k is not None or budget is not None):
             raise ValueError("gazejax: top_k / budget need attention=gaze")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"gazejax: top_k must be >= 1, got {top_k}")
         if budget is not None and not 0 < float(budget) <= 1:
             raise ValueError(f"gazejax: budget must be in (0, 1], got {budget}")
         if score not in ("nll", "loglik"):
@@ -168,7 +171,9 @@ class GazeJaxLMM(lmms):
         self.top_k = None if top_k is None else int(top_k)
         self.budget = None if budget is None else float(budget)
         self.max_new_tokens = int(max_new_tokens)
-        self.max_frames = int(max_frames or checkpoint.max_frames)
+        self.max_frames = int(checkpoint.max_frames if max_frames is None else max_frames)
+        if self.max_frames < 1:
+            raise ValueError(f"gazejax: max_frames must be >= 1, got {max_frames}")
         self.fps = float(fps)
         self.seed = int(seed)
         self.sign = -1.0 if score == "nll" else 1.0
@@ -183,7 +188,7 @@ class GazeJaxLMM(lmms):
             return None
         if self.budget is not None:
             return gaze_top_k(self.budget, num_regions)
-        return self.top_k or self.config.decoder.gaze_top_k
+        return self.config.decoder.gaze_top_k if self.top_k is None else self.top_k
 
     def _prompt(self, context: str, doc_to_visual: Callable, doc_id, task: str, split: str):
         doc = self.task_dict[task][split][doc_id]
@@ -223,7 +228,7 @@ class GazeJaxLMM(lmms):
             packed = pack_prompt(self.config, items, PAD_MULTIPLE)
             units = sum(len(x.frames) for x in items if isinstance(x, Visual))
             shape = (packed.length, max(units, 1), packed.inputs.regions.num_regions)
-            k = self._gaze_k(int((np.asarray(packed.inputs.regions.length) > 0).sum()))
+            k = self._gaze_k(packed.num_regions)
             by_k.setdefault(k, []).append((shape, index, items))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="gazejax loglikelihood")
@@ -266,14 +271,13 @@ class GazeJaxLMM(lmms):
             sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0) > 0
             _, items = self._prompt(context, doc_to_visual, doc_id, task, split)
             prompt = pack_prompt(self.config, items, PAD_MULTIPLE)
-            regions = int((np.asarray(prompt.inputs.regions.length) > 0).sum())
             result = generate_answer(
                 self.model,
                 self.checkpoint.params,
                 prompt,
                 int(kwargs.get("max_new_tokens") or self.max_new_tokens),
                 tokenizer=self.checkpoint.tokenizer,
-                top_k=self._gaze_k(regions),
+                top_k=self._gaze_k(prompt.num_regions),
                 temperature=float(kwargs.get("temperature") or 0) if sample else 0.0,
                 top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
                 rng=jax.random.fold_in(jax.random.key(self.seed), index),

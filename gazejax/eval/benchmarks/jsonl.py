@@ -215,7 +215,7 @@ def jsonl_benchmark(
     questions = read_jsonl_questions(spec.path, limit)
     image_root = pathlib.Path(image_root or pathlib.Path(spec.path).parent)
     video_root = pathlib.Path(video_root) if video_root else image_root
-    max_frames = int(max_frames or checkpoint.max_frames)
+    max_frames = int(checkpoint.max_frames if max_frames is None else max_frames)
     image_size = checkpoint.config.vit.image_size
     tokenizer, system_prompt = checkpoint.tokenizer, checkpoint.system_prompt
     unk = tokenizer.token_to_id(UNK_TOKEN)
