@@ -70,10 +70,6 @@ DTYPES = ("float32", "bfloat16")
 KNOWN_FAILURES: dict[tuple[str, str, str, str], str] = {
     ("v5e", "decode", "bfloat16", "*"): "DMA offset of the tiled KV-head dimension",
     ("v6e", "decode", "bfloat16", "*"): "DMA offset of the tiled KV-head dimension",
-    ("v5e", "train_forward", "*", "*"): "E2003: dynamic lane slice of the selection",
-    ("v6e", "train_forward", "*", "*"): "E2003: dynamic lane slice of the selection",
-    ("v5e", "train_backward", "*", "*"): "E2003: dynamic lane slice of the selection",
-    ("v6e", "train_backward", "*", "*"): "E2003: dynamic lane slice of the selection",
 }
 
 
