@@ -57,7 +57,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention import xla
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
-from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, interprets
+from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, dot, interprets
 from kernels.gaze_attention.routing import Selection
 
 MAX_GROUP = 30  # query heads per KV head: one bit each in an int32 mask
@@ -281,14 +281,6 @@ def _merge(out, lse, state):
 # Kernels.
 
 
-def _dot(a, b, dims) -> jax.Array:
-    """``lax.dot_general`` accumulating in float32 (``HIGHEST`` for float32 operands)."""
-    exact = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(
-        a, b, (dims, ((), ())), precision=exact, preferred_element_type=jnp.float32
-    )
-
-
 def _accumulate(state, q, keys, values, offset, length, heads, scale):
     """Adds one segment to the online softmax ``(peak [G, 1], total [G, 1], acc [G, d])``.
 
@@ -301,7 +293,7 @@ def _accumulate(state, q, keys, values, offset, length, heads, scale):
     token = lax.broadcasted_iota(jnp.int32, (rows, tile), 1)
     row = lax.broadcasted_iota(jnp.int32, (rows, tile), 0)
     mask = (token >= offset) & (token < offset + length) & (((heads >> row) & 1) == 1)
-    logits = _dot(q.astype(keys.dtype), keys, ((1,), (1,)))
+    logits = dot(q.astype(keys.dtype), keys, (1, 1))
     logits = jnp.where(mask, logits * scale, -jnp.inf)
     new_peak = jnp.maximum(peak, logits.max(axis=1, keepdims=True))
     safe = jnp.where(new_peak == -jnp.inf, 0.0, new_peak)
@@ -310,7 +302,7 @@ def _accumulate(state, q, keys, values, offset, length, heads, scale):
     inside = lax.broadcasted_iota(jnp.int32, values.shape, 0)
     inside = (inside >= offset) & (inside < offset + length)
     values = jnp.where(inside, values, jnp.zeros((), values.dtype))  # tails may hold anything
-    contribution = _dot(weights.astype(values.dtype), values, ((1,), (0,)))
+    contribution = dot(weights.astype(values.dtype), values, (1, 0))
     return (
         new_peak,
         rescale * total + weights.sum(axis=1, keepdims=True),

@@ -15,8 +15,10 @@ them to ``[block_q, block_kv]``. Sequences are padded to whole tiles with paddin
 Mask construction on chip. No dense ``[heads, q, kv]`` mask exists anywhere. Each kernel gets
 the selection as region ids ``[b, h, q, K]`` (``-1`` = empty slot) plus the metadata vectors,
 and per tile builds ``visible = causal/unit rules OR (key is visual AND its region is one of the
-query head's K ids)``; the membership test is a loop of K compares of a ``[block_q, 1]`` id
-column against the ``[1, block_kv]`` key regions, run only for tiles that hold a selected region.
+query head's K ids)``; the membership test is K compares of a ``[block_q, 1]`` id column
+(a static lane slice of the ``[block_q, K]`` selection block: Mosaic cannot prove a dynamic lane
+offset aligned) against the ``[1, block_kv]`` key regions, inside a branch taken only for tiles
+that hold a selected region (the branch yields int32: Mosaic cannot yield vectors of i1).
 
 Tile skipping. A block-level pre-pass in XLA (:func:`tile_codes`) computes per
 ``(batch, head, q tile, kv tile)`` a 2-bit code from compact per-tile summaries: bit 0 "some
@@ -25,46 +27,52 @@ from the tiles' min/max positions, a superset for the context rule from unit ran
 "some query head of the q tile selected a region that has a key in the kv tile" (exact, from a
 ``[b, h, q_tiles, num_regions]`` region bitmap and a ``[b, kv_tiles, num_regions]`` presence
 map). Codes are compacted into *plans*: per program a count and the list of its non-zero tiles,
-``(tile << 2) | code``, so each kernel's ``fori_loop`` runs over visible tiles only: no compute
-and no per-tile branch for skipped tiles, and on GPU no load either (tiles are loaded inside the
-loop). On TPU the loop's operand is a whole-sequence VMEM block, copied once per (batch, head)
-because its block index does not change along the tile axis; skipping the copy of invisible
-tiles would need a grid over kv tiles with splash-style "next visible tile" index maps (not done).
-The dK/dV pass gets the transposed plan: per kv tile the list of ``(query head of the group,
-q tile)`` pairs that see it. Skipped tiles are never read, so garbage (even NaN) in all-padding
-tiles cannot leak; in partly padded tiles padding slots are masked, but ``0 · NaN`` would still
-leak, as in any masked attention: keep padding slots finite.
+``(tile << 2) | code``. The dK/dV pass gets the transposed plan: per kv tile the list of ``(query
+head of the group, q tile)`` pairs that see it. Skipped tiles are never read, so garbage (even
+NaN) in all-padding tiles cannot leak; in partly padded tiles padding slots are masked, but
+``0 · NaN`` would still leak, as in any masked attention: keep padding slots finite.
 
-Forward (grid ``(b, h, q_tiles)``). A query tile stays resident; a ``fori_loop`` walks the plan's
-kv tiles (the whole kv sequence of the program's KV head is the block, as in JAX's GPU flash
-attention) with an online softmax in float32; masked logits take a finite ``MASK_VALUE`` and
-masked probabilities are forced to 0, so fully masked tiles and rows never produce inf - inf.
-It writes the output and the log-sum-exp (``MASK_VALUE`` for rows that see nothing, ``-inf``
-once out of the kernel).
+Two drivers walk the plans with the same per-tile code (:func:`_walk`, :class:`_Window`):
+
+- the *loop driver* (Triton on GPU, and the Pallas interpreter by default): grid ``(b, h,
+  q_tiles)`` (forward, dQ) or ``(b, kv_heads, kv_tiles)`` (dK/dV); each program's block is the
+  whole kv sequence of its KV head (forward, dQ) or the whole query sequence of its GQA group
+  (dK/dV), as in JAX's GPU flash attention (a pointer on GPU), and a ``fori_loop`` over its plan
+  row loads and computes the planned tiles only (power-of-two tiles, no scratch buffers, plans
+  read as scalars from global memory, float32 tiles of 64 for 128-wide heads: shared memory);
+- the *grid driver* (Mosaic on TPU), splash-attention style: the plans are scalar-prefetched
+  into SMEM and the plan's steps are a fourth, sequential grid axis (length: all kv tiles, or
+  all (head, q tile) pairs of the group); the block index maps of the planned operands read
+  the step's entry, clamped to the last valid one, so a step past the plan's count asks for the
+  block already in VMEM (no copy) and computes nothing; accumulators live in VMEM scratch,
+  initialised at the first step and written out at the last. A program holds O(block): at
+  Qwen3-4B heads (32/8 × 128, bfloat16), 4608 visual + 2048 text tokens, the forward compiles
+  for v5e under a 2 MiB scoped-VMEM limit and the backward under 2.1 MiB (default: 16 MiB).
+
+Forward. A query tile stays resident; the driver walks the plan's kv tiles with an online
+softmax in float32; masked logits take a finite ``MASK_VALUE`` and masked probabilities are
+forced to 0, so fully masked tiles and rows never produce inf - inf. It writes the output and
+the log-sum-exp (``MASK_VALUE`` for rows that see nothing, ``-inf`` once out of the kernel).
 
 Backward, under ``jax.custom_vjp``: ``delta = rowsum(out * d_out) - d_lse`` in XLA, then two
-kernels that recompute probabilities per tile from the saved log-sum-exp. dQ: grid
-``(b, h, q_tiles)``, loop over the plan's kv tiles. dK/dV: grid ``(b, kv_heads, kv_tiles)``,
-kv-major: each program owns one kv tile and loops over the ``(head, q tile)`` pairs of its GQA
-group that see it, so the sum over the group's query heads happens in the kernel,
-deterministically, without atomics.
+kernels that recompute probabilities per tile from the saved log-sum-exp. dQ: per query tile,
+over the plan's kv tiles. dK/dV: kv-major: each program owns one kv tile and walks the ``(head,
+q tile)`` pairs of its GQA group that see it, so the sum over the group's query heads happens in
+the kernel, deterministically, without atomics.
 
-Platforms. One kernel body serves both; the ``backend`` argument (default
-``jax.default_backend()``) picks the Mosaic TPU call (plans in SMEM, all grid axes parallel) or
-the Triton call (power-of-two tiles, no scratch buffers, plans read as scalars from global
-memory, float32 tiles of 64 for 128-wide heads). ``interpret=True`` (default on CPU) runs the
-Triton-style call in the Pallas interpreter. ``tests/aot/compile_kernels.py`` compiles both for
-real devices on a CPU. Each program holds the full kv sequence of one KV head (forward, dQ) or
-the full query sequence of one GQA group (dK/dV) as its block: fine on GPU (a pointer), on TPU it
-bounds the sequence length by VMEM; the ``[..., 1]`` metadata/statistics arrays are lane-padded
-in TPU memory.
+Platforms. The ``backend`` argument (default ``jax.default_backend()``) picks the compiler:
+``"tpu"`` Mosaic and the grid driver, ``"gpu"``/``"cuda"``/``"triton"`` Triton and the loop
+driver. ``interpret=True`` (default on CPU) runs the loop driver in the Pallas interpreter, or,
+with ``backend="tpu"``, the grid driver (``interpret=pltpu.InterpretParams(...)``: in the slower
+TPU interpreter, which simulates TPU memories, fills scratch with NaN and checks bounds).
+``tests/aot/compile_kernels.py`` compiles both for real devices on a CPU. The ``[..., 1]``
+metadata/statistics arrays and the ``[..., K]`` selection are lane-padded in TPU memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -77,7 +85,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
-from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, interprets
+from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, dot, interprets
 from kernels.gaze_attention.routing import Selection
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -103,7 +111,7 @@ def attend_selected_pallas_train(
     block_q: int | None = None,
     block_kv: int | None = None,
     backend: Backend | None = None,
-    interpret: bool | None = None,
+    interpret: bool | pltpu.InterpretParams | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Gaze attention of many queries given their selection, with Pallas flash kernels.
 
@@ -125,7 +133,9 @@ def attend_selected_pallas_train(
         the length)``, 64 for float32 with ``head_dim >= 128`` on Triton (shared memory).
       backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton) or ``"cpu"``;
         default ``jax.default_backend()``.
-      interpret: run in the Pallas interpreter; default: when the default backend is CPU.
+      interpret: run in the Pallas interpreter; default: where the default device cannot run
+        the backend's kernels (a CPU; Mosaic on a GPU). With ``backend="tpu"`` a
+        ``pltpu.InterpretParams`` runs the TPU interpreter.
 
     Returns:
       ``(out [batch, q_len, num_heads, head_dim] in query.dtype, lse [batch, q_len, num_heads]
@@ -141,7 +151,10 @@ def attend_selected_pallas_train(
     group = num_heads // num_kv_heads
     if group >= 1 << (31 - 2 - _TILE_BITS):
         raise ValueError(f"at most 127 query heads per KV head, got {group}")
+    backend = backend or jax.default_backend()
     compiler = compiler_for(backend)
+    if not isinstance(interpret, pltpu.InterpretParams):
+        interpret = interprets(interpret, compiler)
     largest = _largest_block(compiler, query.dtype, head_dim)
     block_q = _block_size(block_q, q_len, largest, "block_q")
     block_kv = _block_size(block_kv, kv_len, largest, "block_kv")
@@ -170,7 +183,9 @@ def attend_selected_pallas_train(
         top_k=region.shape[-1],
         group=group,
         compiler=compiler,
-        interpret=interprets(interpret),
+        interpret=interpret,
+        # Mosaic compiles the grid driver; interpreted, it runs for an explicit TPU backend.
+        grid_driver=compiler == "mosaic" and (backend == "tpu" or not interpret),
     )
     q = _pad_axis(query, 1, q_pad, 0).transpose(0, 2, 1, 3)
     k, v = (_pad_axis(x, 1, kv_pad, 0).transpose(0, 2, 1, 3) for x in (key, value))
@@ -284,7 +299,8 @@ class _Config:
     top_k: int
     group: int
     compiler: Compiler
-    interpret: bool
+    interpret: bool | pltpu.InterpretParams
+    grid_driver: bool  # plan steps on a grid axis (Mosaic), else a loop in each program
 
 
 def _largest_block(compiler: Compiler, dtype, head_dim: int) -> int:
@@ -384,60 +400,92 @@ def _flash_bwd(config, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-class _Spec(NamedTuple):
-    """A BlockSpec before the platform is known; ``plan`` ones go to SMEM on TPU."""
+# ----------------------------------------------------------------------------------------------
+# Calls: block specs of both drivers, and pallas_call for the interpreter, Mosaic or Triton.
+#
+# Index maps take the grid indices ``(b, head, tile)`` and, with the grid driver, the step ``i``
+# and the plan; ``*step`` is empty with the loop driver, whose plan-driven blocks are the whole
+# sequence (block index 0).
 
-    block: tuple
-    index: Callable
-    plan: bool = False
+
+def _planned(plan_ref, b, h, t, i):
+    """Plan entry of step ``i``, clamped to the last valid one (skipped steps then ask for the
+    block already in VMEM, so the pipeline copies nothing; an empty plan's entry 1 is a valid
+    tile too)."""
+    last = jnp.maximum(plan_ref[b, h, t, 0] - 1, 0)
+    return plan_ref[b, h, t, 1 + jnp.minimum(i, last)]
 
 
-def _call(config: _Config, kernel, name: str, grid, in_specs, out_specs, out_shape, *operands):
-    """``pallas_call`` for the interpreter, Mosaic (TPU) or Triton (GPU).
+def _call(
+    config: _Config, kernel, name, plan, grid, in_specs, out_specs, out_shape, scratch, operands
+):
+    """``pallas_call`` of one pass: the grid driver (Mosaic, or its interpreter: the plan
+    prefetched into SMEM, one more grid axis over plan steps, ``scratch`` accumulators in VMEM)
+    or the loop driver (Triton or the interpreter: the program's plan row as an input block).
 
-    ``operands`` start with the plan, then the queries ``[b, h, q, head_dim]``.
+    ``operands`` start with the queries ``[b, h, q, head_dim]``; ``plan`` goes first.
     """
-    head_dim = operands[1].shape[-1]
-    mosaic = config.compiler == "mosaic" and not config.interpret
-
-    def spec(s: _Spec) -> pl.BlockSpec:
-        if s.plan and mosaic:
-            return pl.BlockSpec(s.block, s.index, memory_space=pltpu.SMEM)
-        return pl.BlockSpec(s.block, s.index)
-
-    if config.interpret:
-        params = None
-    elif mosaic:
-        params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
+    head_dim = operands[0].shape[-1]
+    if config.grid_driver:
+        grid_spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(*grid, plan.shape[-1] - 1),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        )
+        params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + ("arbitrary",))
+        interpret = config.interpret
     else:
-        params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        # All plans of the program's (batch, head); the kernel reads row ``pl.program_id(2)``.
+        plan_spec = pl.BlockSpec((None, None, *plan.shape[2:]), lambda b, h, t: (b, h, 0, 0))
+        grid_spec = pl.GridSpec(grid=grid, in_specs=[plan_spec, *in_specs], out_specs=out_specs)
+        if config.interpret:
+            params = None
+        else:
+            params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        interpret = bool(config.interpret)
     return pl.pallas_call(
         functools.partial(kernel, config=config),
-        grid=grid,
-        in_specs=[spec(s) for s in in_specs],
-        out_specs=[spec(s) for s in out_specs],
+        grid_spec=grid_spec,
         out_shape=out_shape,
         compiler_params=params,
-        interpret=config.interpret,
+        interpret=interpret,
         name=name,
-    )(*operands)
+    )(plan, *operands)
 
 
-def _plan_spec(plan: jax.Array) -> _Spec:
-    """All plans of the program's (batch, head): a (rows, 1 + n) SMEM block on TPU (Mosaic
-    wants the last two block dims whole); the kernel reads row ``pl.program_id(2)``."""
-    return _Spec((None, None, *plan.shape[2:]), lambda b, h, t: (b, h, 0, 0), plan=True)
+def _q_major_specs(config: _Config, kv_len: int, head_dim: int, backward: bool):
+    """Block specs of a forward/dQ call, grid ``(b, h, q tile[, step])``.
 
+    Returns ``(in_specs, q_tile, rows)``: the inputs (q, k, v, for the ``backward`` (dQ) dO,
+    lse and delta, then the metadata and the selection), and the specs of a ``[bq, head_dim]``
+    query tile and of its ``[bq, 1]`` row statistics (for the outputs).
+    """
+    bq, g = config.block_q, config.group
+    if config.grid_driver:
+        kv_block = config.block_kv
 
-def _meta_specs(config: _Config, q_len: int, kv_len: int, q_tiled: bool):
-    """Specs of the 3 query and 4 key metadata vectors: tiled on one side, whole on the other."""
-    if q_tiled:  # grid (b, h, q tile): one q tile, the whole kv sequence
-        q_spec = _Spec((None, config.block_q, 1), lambda b, h, t: (b, t, 0))
-        k_spec = _Spec((None, 1, kv_len), lambda b, h, t: (b, 0, 0))
-    else:  # grid (b, kv_head, kv tile)
-        q_spec = _Spec((None, q_len, 1), lambda b, h, t: (b, 0, 0))
-        k_spec = _Spec((None, 1, config.block_kv), lambda b, h, t: (b, 0, t))
-    return [q_spec] * 3 + [k_spec] * 4
+        def kv_tile(b, h, t, i, plan_ref):
+            return _planned(plan_ref, b, h, t, i) >> 2
+    else:
+        kv_block = kv_len
+
+        def kv_tile(*_):
+            return 0
+
+    q_tile = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, t, *_: (b, h, t, 0))
+    rows = pl.BlockSpec((None, None, bq, 1), lambda b, h, t, *_: (b, h, t, 0))
+    kv = pl.BlockSpec(
+        (None, None, kv_block, head_dim),
+        lambda b, h, t, *s: (b, lax.div(h, g), kv_tile(b, h, t, *s), 0),
+    )
+    q_meta = pl.BlockSpec((None, bq, 1), lambda b, h, t, *_: (b, t, 0))
+    k_meta = pl.BlockSpec((None, 1, kv_block), lambda b, h, t, *s: (b, 0, kv_tile(b, h, t, *s)))
+    selected = pl.BlockSpec((None, None, bq, config.top_k), lambda b, h, t, *_: (b, h, t, 0))
+    gradients = [q_tile, rows, rows] if backward else []  # dO, lse, delta
+    in_specs = [q_tile, kv, kv, *gradients, *[q_meta] * 3, *[k_meta] * 4, selected]
+    return in_specs, q_tile, rows
 
 
 def _aux_operands(aux: _Aux):
@@ -457,19 +505,8 @@ def _aux_operands(aux: _Aux):
 def _forward(config: _Config, q, k, v, aux: _Aux):
     """Flash forward: (out [b, h, q, d] in q.dtype, log-sum-exp [b, h, q, 1] float32)."""
     batch, num_heads, q_len, head_dim = q.shape
-    kv_len, g, bq = k.shape[2], config.group, config.block_q
-    grid = (batch, num_heads, q_len // bq)
-    q_tile = _Spec((None, None, bq, head_dim), lambda b, h, t: (b, h, t, 0))
-    kv_whole = _Spec((None, None, kv_len, head_dim), lambda b, h, t: (b, lax.div(h, g), 0, 0))
-    in_specs = [
-        _plan_spec(aux.q_plan),
-        q_tile,
-        kv_whole,
-        kv_whole,
-        *_meta_specs(config, q_len, kv_len, q_tiled=True),
-        _Spec((None, None, bq, config.top_k), lambda b, h, t: (b, h, t, 0)),
-    ]
-    out_specs = [q_tile, _Spec((None, None, bq, 1), lambda b, h, t: (b, h, t, 0))]
+    bq = config.block_q
+    in_specs, q_tile, rows = _q_major_specs(config, k.shape[2], head_dim, False)
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((batch, num_heads, q_len, 1), jnp.float32),
@@ -478,53 +515,32 @@ def _forward(config: _Config, q, k, v, aux: _Aux):
         config,
         _forward_kernel,
         "gaze_flash_forward",
-        grid,
-        in_specs,
-        out_specs,
-        out_shape,
         aux.q_plan,
-        q,
-        k,
-        v,
-        *_aux_operands(aux),
+        (batch, num_heads, q_len // bq),
+        in_specs,
+        [q_tile, rows],
+        out_shape,
+        [(bq, head_dim), (bq, 1), (bq, 1)],  # accumulator, running max, running sum
+        (q, k, v, *_aux_operands(aux)),
     )
 
 
 def _backward_q(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
     """dQ [b, h, q, d]: per query tile, over the plan's kv tiles."""
     batch, num_heads, q_len, head_dim = q.shape
-    kv_len, g, bq = k.shape[2], config.group, config.block_q
-    grid = (batch, num_heads, q_len // bq)
-    q_tile = _Spec((None, None, bq, head_dim), lambda b, h, t: (b, h, t, 0))
-    row_tile = _Spec((None, None, bq, 1), lambda b, h, t: (b, h, t, 0))
-    kv_whole = _Spec((None, None, kv_len, head_dim), lambda b, h, t: (b, lax.div(h, g), 0, 0))
-    in_specs = [
-        _plan_spec(aux.q_plan),
-        q_tile,
-        kv_whole,
-        kv_whole,
-        q_tile,
-        row_tile,
-        row_tile,
-        *_meta_specs(config, q_len, kv_len, q_tiled=True),
-        _Spec((None, None, bq, config.top_k), lambda b, h, t: (b, h, t, 0)),
-    ]
+    bq = config.block_q
+    in_specs, q_tile, _ = _q_major_specs(config, k.shape[2], head_dim, True)
     (dq,) = _call(
         config,
         _backward_q_kernel,
         "gaze_flash_backward_q",
-        grid,
+        aux.q_plan,
+        (batch, num_heads, q_len // bq),
         in_specs,
         [q_tile],
         [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-        aux.q_plan,
-        q,
-        k,
-        v,
-        d_out,
-        lse,
-        delta,
-        *_aux_operands(aux),
+        [(bq, head_dim)],
+        (q, k, v, d_out, lse, delta, *_aux_operands(aux)),
     )
     return dq
 
@@ -532,63 +548,161 @@ def _backward_q(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
 def _backward_kv(config: _Config, q, k, v, d_out, lse, delta, aux: _Aux):
     """dK, dV [b, kv_heads, kv, d]: per kv tile, over its GQA group's (head, q tile) plan."""
     batch, num_kv_heads, kv_len, head_dim = k.shape
-    q_len, g, bkv = q.shape[2], config.group, config.block_kv
-    grid = (batch, num_kv_heads, kv_len // bkv)
-    kv_tile = _Spec((None, None, bkv, head_dim), lambda b, h, t: (b, h, t, 0))
-    group_whole = _Spec((None, g, q_len, head_dim), lambda b, h, t: (b, h, 0, 0))
-    group_rows = _Spec((None, g, q_len, 1), lambda b, h, t: (b, h, 0, 0))
+    q_len, g, bq, bkv = q.shape[2], config.group, config.block_q, config.block_kv
+    if config.grid_driver:  # one (query head, q tile) pair per step
+        heads, q_block = None, bq
+
+        def pair(b, h, t, i, plan_ref):  # (query head, q tile) block indices
+            head, tile, _ = _kv_tile_entry(_planned(plan_ref, b, h, t, i))
+            return h * g + head, tile
+    else:  # the GQA group's whole query sequence
+        heads, q_block = g, q_len
+
+        def pair(b, h, t):
+            return h, 0
+
+    def per_pair(*block):  # spec of a [b, h, q, ·] array, blocks picked by the plan
+        def index(b, h, t, *step):
+            head, tile = pair(b, h, t, *step)
+            return b, head, tile, 0
+
+        return pl.BlockSpec((None, heads, q_block, *block), index)
+
+    def q_meta_index(b, h, t, *step):
+        return b, pair(b, h, t, *step)[1], 0
+
+    kv_tile = pl.BlockSpec((None, None, bkv, head_dim), lambda b, h, t, *_: (b, h, t, 0))
+    q_meta = pl.BlockSpec((None, q_block, 1), q_meta_index)
+    k_meta = pl.BlockSpec((None, 1, bkv), lambda b, h, t, *_: (b, 0, t))
     in_specs = [
-        _plan_spec(aux.kv_plan),
-        group_whole,
+        per_pair(head_dim),
         kv_tile,
         kv_tile,
-        group_whole,
-        group_rows,
-        group_rows,
-        *_meta_specs(config, q_len, kv_len, q_tiled=False),
-        _Spec((None, g, q_len, config.top_k), lambda b, h, t: (b, h, 0, 0)),
+        per_pair(head_dim),
+        per_pair(1),
+        per_pair(1),
+        *[q_meta] * 3,
+        *[k_meta] * 4,
+        per_pair(config.top_k),
     ]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     return _call(
         config,
         _backward_kv_kernel,
         "gaze_flash_backward_kv",
-        grid,
+        aux.kv_plan,
+        (batch, num_kv_heads, kv_len // bkv),
         in_specs,
         [kv_tile, kv_tile],
         out_shape,
-        aux.kv_plan,
-        q,
-        k,
-        v,
-        d_out,
-        lse,
-        delta,
-        *_aux_operands(aux),
+        [(bkv, head_dim), (bkv, head_dim)],
+        (q, k, v, d_out, lse, delta, *_aux_operands(aux)),
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel bodies (shared by Mosaic TPU, Triton and the interpreter).
+# Kernel bodies: one per pass for both drivers. A pass is a ``step`` over one planned tile and a
+# ``finish``; :func:`_walk` runs the steps (a loop, or the grid's step axis with scratch state)
+# and :class:`_Window` reads a step's tile (a window of a whole-sequence block, or the block).
+
+
+class _Window(NamedTuple):
+    """Where a step's tile lies in its blocks: ``span`` (a ``pl.ds``) along the sequence axis
+    after the ``lead`` indices (the query head within the group for dK/dV), or, with
+    ``span=None``, the whole block (grid driver)."""
+
+    lead: tuple = ()
+    span: pl.Slice | None = None
+
+    def rows(self, ref, lead: bool = True):
+        """The tile of a ``[..., sequence, ·]`` block (``lead=False``: no head axis)."""
+        if self.span is None:
+            return ref[...]
+        return ref[(*(self.lead if lead else ()), self.span, slice(None))]
+
+    def cols(self, ref):
+        """The tile of a ``[1, sequence]`` key-metadata block."""
+        return ref[...] if self.span is None else ref[:, self.span]
+
+    def column(self, ref, c: int):
+        """Static column ``c`` of the tile of a ``[..., q, K]`` selection block (dK/dV)."""
+        if self.span is None:
+            return ref[:, pl.ds(c, 1)]
+        return ref[(*self.lead, self.span, pl.ds(c, 1))]
+
+
+def _walk(config: _Config, plan_ref, loop_window, step, init, finish, scratch):
+    """Runs ``carry = step(window, code, carry)`` over the program's plan entries from
+    ``init()``, then ``finish(carry)``.
+
+    Loop driver: a ``fori_loop`` over the ``plan_ref[pl.program_id(2)]`` row, the window of an
+    entry from ``loop_window(entry)``, the carry in registers. Grid driver: grid step ``i`` runs
+    entry ``i`` of the prefetched plan if there is one (the blocks are its tile: the whole-block
+    window), the carry lives in the ``scratch`` refs between steps, the first step initialises
+    them and the last one finishes.
+    """
+    program = [pl.program_id(axis) for axis in range(3)]  # outside loops: interpret mode
+    if not config.grid_driver:
+        row = program[2]
+
+        def body(i, carry):
+            entry = plan_ref[row, i + 1]
+            return step(loop_window(entry), entry & 3, carry)
+
+        finish(lax.fori_loop(0, plan_ref[row, 0], body, init()))
+        return
+    step_index, steps = pl.program_id(3), plan_ref.shape[-1] - 1
+    count, entry = plan_ref[(*program, 0)], _planned(plan_ref, *program, step_index)
+
+    def load():
+        return tuple(ref[...] for ref in scratch)
+
+    def store(values):
+        for ref, value in zip(scratch, values, strict=True):
+            ref[...] = value
+
+    @pl.when(step_index == 0)
+    def _():
+        store(init())
+
+    @pl.when(step_index < count)
+    def _():
+        store(step(_Window(), entry & 3, load()))
+
+    @pl.when(step_index == steps - 1)
+    def _():
+        finish(load())
+
+
+def _kv_window(config: _Config):
+    """Forward/dQ, loop driver: the window of a plan entry ``(kv tile << 2) | code``."""
+    bkv = config.block_kv
+    return lambda entry: _Window(span=pl.ds(pl.multiple_of((entry >> 2) * bkv, bkv), bkv))
 
 
 def _visible(q_meta, k_meta, code, selected_column, top_k: int) -> jax.Array:
     """[block_q, block_kv] bool: who sees what (DESIGN.md §2) inside one tile.
 
     ``q_meta``: (kind, unit, position) [block_q, 1]; ``k_meta``: (kind, unit, region, position)
-    [1, block_kv]; ``selected_column(i)``: [block_q, 1] i-th selected region id of each query.
+    [1, block_kv]; ``selected_column(c)``: [block_q, 1] c-th selected region id of each query
+    (static ``c``: a dynamic lane offset is unprovably aligned for Mosaic).
     """
     q_kind, q_unit, q_pos = q_meta
     k_kind, k_unit, k_region, k_pos = k_meta
     causal = k_pos <= q_pos
     k_visual, k_context = k_kind == TokenKind.VISUAL, k_kind == TokenKind.CONTEXT
 
-    def add_region(i, hit):
-        return hit | (selected_column(i) == k_region)
+    # int32 out of the branch: Mosaic cannot legalize an scf.if that yields vectors of i1.
+    def membership():
+        hit = selected_column(0) == k_region
+        for c in range(1, top_k):
+            hit = hit | (selected_column(c) == k_region)
+        return hit.astype(jnp.int32)
 
-    # Both bounds int32: a weakly typed bound lowers to a mixed-type scf.for that Triton rejects.
-    rounds = jnp.where((code & ROUTED) != 0, jnp.int32(top_k), jnp.int32(0))
-    routed = lax.fori_loop(jnp.int32(0), rounds, add_region, jnp.zeros(causal.shape, jnp.bool_))
+    def nothing():
+        return jnp.zeros(causal.shape, jnp.int32)
+
+    routed = lax.cond((code & ROUTED) != 0, membership, nothing) != 0
     text = (causal & ((k_kind == TokenKind.TEXT) | k_context)) | (k_visual & routed)
     visual = causal & (k_kind != TokenKind.PADDING)
     context = (k_unit == q_unit) & (k_visual | (k_context & causal))
@@ -599,19 +713,8 @@ def _visible(q_meta, k_meta, code, selected_column, top_k: int) -> jax.Array:
     )
 
 
-def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
-    """``a·b`` contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``, in f32."""
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 def _masked_logits(q, k, mask, scale: float) -> jax.Array:
-    return jnp.where(mask, _dot(q, k, (1, 1)) * scale, MASK_VALUE)
-
-
-def _q_tile_entry(entry):
-    """Forward/dQ plan entry → (kv tile, code)."""
-    return entry >> 2, entry & 3
+    return jnp.where(mask, dot(q, k, (1, 1)) * scale, MASK_VALUE)
 
 
 def _kv_tile_entry(entry):
@@ -634,40 +737,40 @@ def _forward_kernel(
     sel_ref,
     o_ref,
     lse_ref,
-    *,
+    *scratch,
     config: _Config,
 ):
-    bq, bkv = config.block_q, config.block_kv
-    row = pl.program_id(2)  # this program's plan (read outside loops: interpret mode)
-    q = q_ref[...]
+    bq, head_dim = o_ref.shape
     q_meta = (q_kind_ref[...], q_unit_ref[...], q_pos_ref[...])
-    k_meta_refs = (k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref)
 
-    def body(i, carry):
+    def step(window, code, carry):
         acc, peak, total = carry
-        tile, code = _q_tile_entry(plan_ref[row, i + 1])
-        cols = pl.ds(pl.multiple_of(tile * bkv, bkv), bkv)
-        k_meta = tuple(r[:, cols] for r in k_meta_refs)
+        k_meta = tuple(window.cols(r) for r in (k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref))
         mask = _visible(q_meta, k_meta, code, lambda c: sel_ref[:, pl.ds(c, 1)], config.top_k)
-        logits = _masked_logits(q, k_ref[cols, :], mask, config.scale)
+        logits = _masked_logits(q_ref[...], window.rows(k_ref), mask, config.scale)
         new_peak = jnp.maximum(peak, jnp.max(logits, axis=1, keepdims=True))
         probs = jnp.where(mask, jnp.exp(logits - new_peak), 0.0)
         rescale = jnp.exp(peak - new_peak)
         total = total * rescale + jnp.sum(probs, axis=1, keepdims=True)
-        v = v_ref[cols, :]
-        acc = acc * rescale + _dot(probs.astype(v.dtype), v, (1, 0))
+        v = window.rows(v_ref)
+        acc = acc * rescale + dot(probs.astype(v.dtype), v, (1, 0))
         return acc, new_peak, total
 
-    init = (
-        jnp.zeros((bq, q.shape[1]), jnp.float32),
-        jnp.full((bq, 1), MASK_VALUE, jnp.float32),
-        jnp.zeros((bq, 1), jnp.float32),
-    )
-    acc, peak, total = lax.fori_loop(0, plan_ref[row, 0], body, init)
-    seen = total > 0
-    total = jnp.where(seen, total, 1.0)
-    o_ref[...] = jnp.where(seen, acc / total, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, peak + jnp.log(total), MASK_VALUE)
+    def init():
+        return (
+            jnp.zeros((bq, head_dim), jnp.float32),
+            jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+            jnp.zeros((bq, 1), jnp.float32),
+        )
+
+    def finish(carry):
+        acc, peak, total = carry
+        seen = total > 0
+        total = jnp.where(seen, total, 1.0)
+        o_ref[...] = jnp.where(seen, acc / total, 0.0).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, peak + jnp.log(total), MASK_VALUE)
+
+    _walk(config, plan_ref, _kv_window(config), step, init, finish, scratch)
 
 
 def _backward_q_kernel(
@@ -687,27 +790,26 @@ def _backward_q_kernel(
     k_pos_ref,
     sel_ref,
     dq_ref,
-    *,
+    *scratch,
     config: _Config,
 ):
-    bkv = config.block_kv
-    row = pl.program_id(2)
-    q, d_out, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_meta = (q_kind_ref[...], q_unit_ref[...], q_pos_ref[...])
-    k_meta_refs = (k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref)
 
-    def body(i, dq):
-        tile, code = _q_tile_entry(plan_ref[row, i + 1])
-        cols = pl.ds(pl.multiple_of(tile * bkv, bkv), bkv)
-        k_meta = tuple(r[:, cols] for r in k_meta_refs)
+    def step(window, code, carry):
+        (dq,) = carry
+        k_meta = tuple(window.cols(r) for r in (k_kind_ref, k_unit_ref, k_region_ref, k_pos_ref))
         mask = _visible(q_meta, k_meta, code, lambda c: sel_ref[:, pl.ds(c, 1)], config.top_k)
-        k = k_ref[cols, :]
-        probs = jnp.where(mask, jnp.exp(_masked_logits(q, k, mask, config.scale) - lse), 0.0)
-        d_logits = probs * (_dot(d_out, v_ref[cols, :], (1, 1)) - delta)
-        return dq + _dot(d_logits.astype(k.dtype), k, (1, 0))
+        q, k = q_ref[...], window.rows(k_ref)
+        logits = _masked_logits(q, k, mask, config.scale)
+        probs = jnp.where(mask, jnp.exp(logits - lse_ref[...]), 0.0)
+        d_logits = probs * (dot(do_ref[...], window.rows(v_ref), (1, 1)) - delta_ref[...])
+        return (dq + dot(d_logits.astype(k.dtype), k, (1, 0)),)
 
-    dq = lax.fori_loop(0, plan_ref[row, 0], body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * config.scale).astype(dq_ref.dtype)
+    def finish(carry):
+        dq_ref[...] = (carry[0] * config.scale).astype(dq_ref.dtype)
+
+    init = lambda: (jnp.zeros(dq_ref.shape, jnp.float32),)  # noqa: E731
+    _walk(config, plan_ref, _kv_window(config), step, init, finish, scratch)
 
 
 def _backward_kv_kernel(
@@ -728,31 +830,36 @@ def _backward_kv_kernel(
     sel_ref,
     dk_ref,
     dv_ref,
-    *,
+    *scratch,
     config: _Config,
 ):
-    bq = config.block_q
-    row = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     k_meta = (k_kind_ref[...], k_unit_ref[...], k_region_ref[...], k_pos_ref[...])
 
-    def body(i, carry):
+    def loop_window(entry):  # (query head, q tile) of a plan entry
+        head, tile, _ = _kv_tile_entry(entry)
+        bq = config.block_q
+        return _Window((head,), pl.ds(pl.multiple_of(tile * bq, bq), bq))
+
+    def step(window, code, carry):
         dk, dv = carry
-        head, tile, code = _kv_tile_entry(plan_ref[row, i + 1])
-        rows = pl.ds(pl.multiple_of(tile * bq, bq), bq)
-        q_meta = (q_kind_ref[rows, :], q_unit_ref[rows, :], q_pos_ref[rows, :])
-        mask = _visible(
-            q_meta, k_meta, code, lambda c: sel_ref[head, rows, pl.ds(c, 1)], config.top_k
-        )
-        q, d_out = q_ref[head, rows, :], do_ref[head, rows, :]
+        q_meta = tuple(window.rows(r, lead=False) for r in (q_kind_ref, q_unit_ref, q_pos_ref))
+        mask = _visible(q_meta, k_meta, code, lambda c: window.column(sel_ref, c), config.top_k)
+        q, d_out = window.rows(q_ref), window.rows(do_ref)
         logits = _masked_logits(q, k, mask, config.scale)
-        probs = jnp.where(mask, jnp.exp(logits - lse_ref[head, rows, :]), 0.0)
-        dv = dv + _dot(probs.astype(d_out.dtype), d_out, (0, 0))
-        d_logits = probs * (_dot(d_out, v, (1, 1)) - delta_ref[head, rows, :])
-        dk = dk + _dot(d_logits.astype(q.dtype), q, (0, 0))
+        probs = jnp.where(mask, jnp.exp(logits - window.rows(lse_ref)), 0.0)
+        dv = dv + dot(probs.astype(d_out.dtype), d_out, (0, 0))
+        d_logits = probs * (dot(d_out, v, (1, 1)) - window.rows(delta_ref))
+        dk = dk + dot(d_logits.astype(q.dtype), q, (0, 0))
         return dk, dv
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, plan_ref[row, 0], body, (zeros, zeros))
-    dk_ref[...] = (dk * config.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    def init():
+        zeros = jnp.zeros(dk_ref.shape, jnp.float32)
+        return zeros, zeros
+
+    def finish(carry):
+        dk, dv = carry
+        dk_ref[...] = (dk * config.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+
+    _walk(config, plan_ref, loop_window, step, init, finish, scratch)

@@ -1,4 +1,5 @@
-"""Which Pallas backend a kernel compiles for, and whether it runs in the interpreter.
+"""Which Pallas backend a kernel compiles for, whether it runs in the interpreter, and the
+precision of its dots.
 
 The kernels choose at trace time (their tiling and their XLA-side work lists depend on it), from
 an explicit ``backend`` or ``jax.default_backend()``: ``"tpu"`` compiles with Mosaic,
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 Backend = Literal["tpu", "cpu", "gpu", "cuda", "triton"]
 Compiler = Literal["mosaic", "triton"]
@@ -28,10 +31,19 @@ def compiler_for(backend: Backend | None) -> Compiler:
     raise ValueError(f"backend must be tpu, cpu, gpu, cuda or triton, got {backend!r}")
 
 
-def interprets(interpret: bool | None, compiler: Compiler | None = None) -> bool:
+def interprets(interpret: bool | None, compiler: Compiler) -> bool:
     """``interpret``, by default whether the default device cannot run ``compiler``'s kernels
     natively (a CPU runs none; a GPU runs Triton's, a TPU Mosaic's)."""
     if interpret is not None:
         return bool(interpret)
     native = {"gpu": "triton", "tpu": "mosaic"}.get(jax.default_backend())
-    return native is None or (compiler is not None and compiler != native)
+    return compiler != native
+
+
+def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """``a·b`` inside a kernel, contracting ``a``'s axis ``contract[0]`` with ``b``'s
+    ``contract[1]``, accumulated in float32. Float32 operands multiply at ``HIGHEST`` precision
+    (Triton would use TF32, Mosaic bfloat16 passes); bfloat16 ones at their own."""
+    exact = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=exact, preferred_element_type=jnp.float32)
