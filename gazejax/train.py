@@ -9,12 +9,12 @@ TPU pod; only the config's mesh and the launcher differ.
     python -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze \
         --config.total_steps=2000 --config.model.gaze.top_k=2
 
-Restarting the same command resumes from the latest checkpoint in ``DIR/checkpoints``.
+Restarting the same command resumes from the newest checkpoint in ``DIR/checkpoints`` that
+restores, once the config is checked against it (README, "Training": the resume contract).
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
@@ -33,9 +33,9 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gazejax import optim
-from gazejax.checkpointing import Checkpointer, TrainState
-from gazejax.configuration import validate_config
-from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
+from gazejax.checkpointing import Checkpointer, TrainState, write_config
+from gazejax.configuration import ConfigError, validate_config
+from gazejax.data.batches import Batches, SkippedRecords, jsonl_buckets, synthetic_buckets
 from gazejax.data.synthetic import TASKS
 from gazejax.data.vocab import load_tokenizer
 from gazejax.gaze.budget import progressive_top_k
@@ -118,7 +118,6 @@ def make_eval_step(model: MultimodalModel):
 
 def build_data(config, model_config: MultimodalConfig, split: str, batch_size: int) -> Batches:
     """The ``split`` batches of the configured data set, this host's share."""
-    skipped: collections.Counter[str] = collections.Counter()  # generated data is never bad
     synthetic = config.data.name == "synthetic"
     tokenizer = load_tokenizer(None if synthetic else config.data.tokenizer)
     if synthetic:
@@ -132,10 +131,9 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
             config.data.system_prompt,
         )
     else:  # jsonl
-        buckets, source = jsonl_buckets(
+        buckets = jsonl_buckets(
             config.data.to_dict(), split, config.seed, tokenizer, model_config.geometry
         )
-        skipped = source.skipped
         task_names = [config.data.jsonl.get("task", "jsonl")]
     return Batches(
         buckets,
@@ -145,7 +143,6 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
         pad_id=tokenizer.token_to_id(config.data.pad_token),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        skipped=skipped,
         task_names=task_names,
     )
 
@@ -195,9 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    checkpointer.check_config(config.to_dict())
 
     # Mesh and logical axis rules.
     shape = list(config.mesh.shape)
@@ -215,7 +211,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
     # Data and model.
-    model_config = multimodal_config(config.model)
+    try:
+        model_config = multimodal_config(config.model)
+    except (TypeError, ValueError) as error:  # the model's dataclasses name the field
+        raise ConfigError(f"config.model: {error}") from error
     model = MultimodalModel(model_config)
     train_batches = build_data(config, model_config, "train", config.batch_size)
     eval_batches = build_data(config, model_config, "eval", config.batch_size)
@@ -261,9 +260,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             params = nn.unbox(model.init(jax.random.key(config.seed), example_inputs)["params"])
             return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-        checkpointer = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-        start = checkpointer.latest_step()
-        if start is None:
+        # Resume (the config checked against the checkpoint's) or initialise; only then write.
+        restored = None
+        if checkpointer.all_steps():
+            abstract_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                jax.eval_shape(init_state),
+                state_shardings,
+            )
+            restored = checkpointer.restore_latest(abstract_state, config.to_dict())
+        if restored is None:
             state = jax.jit(init_state, out_shardings=state_shardings)()
             start = 0
             if config.init_from.vision or config.init_from.decoder:
@@ -275,14 +281,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     out_shardings=state_shardings,
                 )(params)
         else:
-            abstract_state = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                jax.eval_shape(init_state),
-                state_shardings,
-            )
-            state = checkpointer.restore(start, abstract_state)
-            if is_main:
+            state, start = restored.state, restored.step
+        skipped = SkippedRecords(restored.data.get("skipped_records", []) if restored else [])
+        if is_main:
+            write_config(workdir, config.to_json_best_effort(indent=2), start)
+            if restored is not None:
                 print(f"resumed from step {start} in {workdir}", flush=True)
+                for change in restored.changes:
+                    print(f"config changed on resume: {change}", flush=True)
 
         train_step = jax.jit(
             make_train_step(model, tx, config.grad_accum_steps),
@@ -303,42 +309,63 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             k = top_k_at(config.total_steps, config, num_regions)
             return evaluate(eval_step, params, eval_batches, config, mesh, rules, k)
 
+        def save(step, state):
+            _gather_skipped(skipped)
+            data = {"skipped_records": sorted(skipped.indices)}
+            checkpointer.save(step, state, config.to_dict(), data)
+
         prefetch = _Prefetcher(train_batches, start)
 
+        # Everything logged for step s is written before checkpoint s: a resume from s drops
+        # the records after s (MetricsWriter) and logs them again.
         while step < config.total_steps:
-            inputs, targets, _ = prefetch.next()
+            inputs, targets, infos = prefetch.next()
+            skipped.add(infos)
             top_k = top_k_at(step, config, num_regions)
             inputs, targets = global_batch(mesh, rules, (inputs, targets))
             state, metrics = train_step(state, inputs, targets, top_k)
             step += 1
             pending.append((step, metrics))
             if stop.requested or step % config.log_every_steps == 0 or step == config.total_steps:
-                skipped = sum(train_batches.skipped.values())
-                _flush_metrics(pending, writer, schedule, top_k, last_log, skipped)
+                _gather_skipped(skipped)
+                _flush_metrics(pending, writer, schedule, top_k, last_log, len(skipped))
                 last_log = time.monotonic()
                 pending = []
             if stop.requested:
-                checkpointer.save(step, state, config.to_dict(), force=True)
+                save(step, state)
                 checkpointer.close()
                 writer.close()
                 prefetch.close()
                 print(f"SIGTERM: saved step {step} and stopped", flush=True)
                 return {}
-            checkpointer.save(step, state, config.to_dict())
             if step % config.eval_every_steps == 0 or step == config.total_steps:
                 final = run_eval(state.params)
                 writer.write(step, final, prefix="eval")
+            if checkpointer.due(step):
+                save(step, state)
         prefetch.close()
-        checkpointer.save(step, state, config.to_dict(), force=True)
+        save(step, state)
         checkpointer.close()
         if final is None:  # resumed at the end: nothing trained, evaluate what is there
-            final = run_eval(state.params)
-            writer.write(step, final, prefix="eval")
+            final = run_eval(state.params)  # for final_eval.json (its step is logged)
         writer.close()
     if is_main:
         with open(os.path.join(workdir, "final_eval.json"), "w") as f:
             json.dump({"step": step, **final}, f, indent=2)
     return final
+
+
+def _gather_skipped(skipped: SkippedRecords) -> None:
+    """Adds every other host's dropped records to ``skipped`` (a collective; hosts drop
+    different records, and the same record in different epochs)."""
+    if jax.process_count() == 1:
+        return
+    local = np.array(sorted(skipped.indices), np.int32)
+    size = int(multihost_utils.process_allgather(np.int32(local.size)).max())
+    padded = np.full(max(size, 1), -1, np.int32)
+    padded[: local.size] = local
+    gathered = multihost_utils.process_allgather(padded)
+    skipped.indices.update(int(i) for i in gathered.ravel() if i >= 0)
 
 
 def _flush_metrics(pending, writer, schedule, top_k, since: float, skipped: int = 0) -> None:
