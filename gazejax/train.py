@@ -10,17 +10,20 @@ TPU pod; only the config's mesh and the launcher differ.
         --config.total_steps=2000 --config.model.gaze.top_k=2
 
 Restarting the same command resumes from the newest checkpoint in ``DIR/checkpoints`` that
-restores, once the config is checked against it (README, "Training": the resume contract).
+restores, once the config is checked against it (README, "Training": the resume contract). A
+user error ends the command with one line; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,10 +36,13 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gazejax import optim
-from gazejax.checkpointing import Checkpointer, TrainState, write_config
+from gazejax.checkpointing import Checkpointer, RestoreError, TrainState, write_config
 from gazejax.configuration import ConfigError, validate_config
+from gazejax.convert import ConversionError
 from gazejax.data.batches import Batches, SkippedRecords, jsonl_buckets, synthetic_buckets
+from gazejax.data.records import DataError
 from gazejax.data.synthetic import TASKS
+from gazejax.data.template import ConversationError
 from gazejax.data.vocab import load_tokenizer
 from gazejax.gaze.budget import progressive_top_k
 from gazejax.gaze.inputs import MultimodalInputs
@@ -49,6 +55,7 @@ from gazejax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show a user error's traceback, not one line.")
 
 
 def top_k_at(step: int, config: ml_collections.ConfigDict, num_regions: int) -> int | None:
@@ -452,13 +459,59 @@ class _Prefetcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def main(argv) -> None:
-    del argv
+# What a user gets wrong (a config key, a file, a record, a checkpoint), each naming it, and a
+# NaN: the command line prints one line for these, and with --debug the traceback.
+_USER_ERRORS = (
+    ConfigError,
+    ConversationError,
+    ConversionError,
+    DataError,
+    RestoreError,
+    FloatingPointError,
+    OSError,
+)
+
+
+@contextlib.contextmanager
+def _one_line_errors(errors: tuple[type[BaseException], ...], argv: Sequence[str], debug: bool):
+    """Exits with status 1 and one line ``error: ...`` on ``errors``, unless ``debug``."""
+    try:
+        yield
+    except errors as error:
+        if debug:
+            raise
+        sys.exit(f"error: {_one_line(error, argv)} (--debug for the traceback)")
+
+
+def _one_line(error: BaseException, argv: Sequence[str]) -> str:
+    """``error``'s message on one line. A config file's error comes as the text of a traceback
+    (its last line is the error); an unknown key in a ``--config.`` override as a KeyError
+    inside an AttributeError (named here by its argument)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text:
+        return lines[-1]
+    if isinstance(error, KeyError) and lines:
+        key = lines[0].strip("'")
+        named = [a.split("=")[0] for a in argv if key in a.split("=")[0].split(".")[1:]]
+        return " ".join([f"{' '.join(named) or 'config'}: no such config key.", *lines[1:]])
+    return " ".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a bad command line or config file in one line."""
+    with _one_line_errors((Exception,), argv, debug="--debug" in argv):
+        return flags.FLAGS(argv)
+
+
+def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
-    train(_CONFIG.value, _WORKDIR.value)
+    with _one_line_errors(_USER_ERRORS, argv, debug=_DEBUG.value):
+        train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=_parse_flags)

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,8 @@ from gazejax.checkpointing import (
 )
 from gazejax.configuration import ConfigError
 from gazejax.metrics import MetricsWriter
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _files(root: pathlib.Path) -> dict[str, bytes]:
@@ -165,3 +169,50 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(set(r) == {"step", "train/loss"} for r in records)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gazejax.train", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_command_line_user_errors_are_one_line(tmp_path):
+    """Issue 17, case 7: a config typo and a resume that does not fit each end the command in
+    one line naming the key (not a traceback and orbax's shutdown noise); --debug shows it."""
+    config = get_config("runlocal")
+    checkpointer = Checkpointer(str(tmp_path), every_steps=1, max_to_keep=1)
+    checkpointer.save(6, {"x": jnp.zeros(3)}, config.to_dict(), {})
+    checkpointer.close()
+    run = ["--config=configs/synthetic.py:runlocal", f"--workdir={tmp_path}"]
+    cases = {
+        "--config.optim.learning_rte: no such config key.": "--config.optim.learning_rte=1",
+        "model.decoder.num_layers: 3 → 2": "--config.model.decoder.num_layers=2",
+    }
+    for expected, arg in cases.items():
+        result = _cli(*run, arg)
+        assert result.returncode == 1, result.stderr[-2000:]
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("error: ") and expected in line, line
+        assert "Traceback" not in result.stdout
+    debug = _cli(*run, "--config.model.decoder.num_layers=2", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "ConfigError: cannot resume" in debug.stderr
+
+
+def test_a_missing_tokenizer_is_named(tmp_path):
+    from gazejax.data.records import DataError
+    from gazejax.train import train
+
+    config = get_config("runlocal")
+    config.data.name = "jsonl"
+    config.data.jsonl.update(train="t.jsonl", eval="t.jsonl", image_root=str(tmp_path))
+    config.data.buckets = {"all": {"length": 80, "max_units": 1, "num_regions": 9}}
+    config.data.tokenizer = str(tmp_path / "tokenizer.json")
+    with pytest.raises(DataError, match=f"{tmp_path}/tokenizer.json: cannot load the tokenizer"):
+        train(config, str(tmp_path / "run"))
