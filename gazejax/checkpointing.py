@@ -146,9 +146,6 @@ class Checkpointer:
             item_names=("state", "config", "data"),
         )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
