@@ -9,11 +9,16 @@ from collections.abc import Mapping
 
 from tensorboardX import SummaryWriter
 
+from gazejax.checkpointing import write_atomically
+
 
 class MetricsWriter:
     """Writes scalar metrics of a step to the console, ``WORKDIR/metrics.jsonl`` and TensorBoard.
 
-    ``metrics.jsonl`` is appended to (one JSON object per write), so a resumed run continues it.
+    ``metrics.jsonl`` is appended to (one JSON object per write), so a resumed run continues it:
+    a run that starts at ``first_step`` (the checkpoint it resumed, or 0) first drops the records
+    of later steps, which it is about to log again (they were written after that checkpoint, by a
+    run that was killed), so each step keeps one record. TensorBoard purges them likewise.
     """
 
     def __init__(self, workdir: str, total_steps: int, first_step: int = 0, enabled: bool = True):
@@ -23,8 +28,12 @@ class MetricsWriter:
         self._start_step = first_step
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_records_after(path, first_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115
+            self._tensorboard = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=first_step + 1
+            )
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -50,3 +59,22 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites ``path`` (atomically) without the records of steps after ``step``, and without
+    a line cut short by a kill."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a partial last line
+            continue
+    if len(kept) < len(lines):
+        write_atomically(path, "".join(line + "\n" for line in kept))
+        print(f"{path}: dropped {len(lines) - len(kept)} record(s) after step {step}", flush=True)

@@ -9,18 +9,21 @@ TPU pod; only the config's mesh and the launcher differ.
     python -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze \
         --config.total_steps=2000 --config.model.gaze.top_k=2
 
-Restarting the same command resumes from the latest checkpoint in ``DIR/checkpoints``.
+Restarting the same command resumes from the newest checkpoint in ``DIR/checkpoints`` that
+restores, once the config is checked against it (README, "Training": the resume contract). A
+user error ends the command with one line; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import json
 import math
 import os
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,10 +36,13 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gazejax import optim
-from gazejax.checkpointing import Checkpointer, TrainState
-from gazejax.configuration import validate_config
-from gazejax.data.batches import Batches, jsonl_buckets, synthetic_buckets
+from gazejax.checkpointing import Checkpointer, RestoreError, TrainState, write_config
+from gazejax.configuration import ConfigError, validate_config
+from gazejax.convert import ConversionError
+from gazejax.data.batches import Batches, SkippedRecords, jsonl_buckets, synthetic_buckets
+from gazejax.data.records import DataError
 from gazejax.data.synthetic import TASKS
+from gazejax.data.template import ConversationError
 from gazejax.data.vocab import load_tokenizer
 from gazejax.gaze.budget import progressive_top_k
 from gazejax.gaze.inputs import MultimodalInputs
@@ -49,6 +55,7 @@ from gazejax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show a user error's traceback, not one line.")
 
 
 def top_k_at(step: int, config: ml_collections.ConfigDict, num_regions: int) -> int | None:
@@ -118,7 +125,6 @@ def make_eval_step(model: MultimodalModel):
 
 def build_data(config, model_config: MultimodalConfig, split: str, batch_size: int) -> Batches:
     """The ``split`` batches of the configured data set, this host's share."""
-    skipped: collections.Counter[str] = collections.Counter()  # generated data is never bad
     synthetic = config.data.name == "synthetic"
     tokenizer = load_tokenizer(None if synthetic else config.data.tokenizer)
     if synthetic:
@@ -132,10 +138,9 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
             config.data.system_prompt,
         )
     else:  # jsonl
-        buckets, source = jsonl_buckets(
+        buckets = jsonl_buckets(
             config.data.to_dict(), split, config.seed, tokenizer, model_config.geometry
         )
-        skipped = source.skipped
         task_names = [config.data.jsonl.get("task", "jsonl")]
     return Batches(
         buckets,
@@ -145,7 +150,6 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
         pad_id=tokenizer.token_to_id(config.data.pad_token),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        skipped=skipped,
         task_names=task_names,
     )
 
@@ -195,9 +199,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    checkpointer.check_config(config.to_dict())
 
     # Mesh and logical axis rules.
     shape = list(config.mesh.shape)
@@ -215,7 +218,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
     # Data and model.
-    model_config = multimodal_config(config.model)
+    try:
+        model_config = multimodal_config(config.model)
+    except (TypeError, ValueError) as error:  # the model's dataclasses name the field
+        raise ConfigError(f"config.model: {error}") from error
     model = MultimodalModel(model_config)
     train_batches = build_data(config, model_config, "train", config.batch_size)
     eval_batches = build_data(config, model_config, "eval", config.batch_size)
@@ -261,9 +267,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             params = nn.unbox(model.init(jax.random.key(config.seed), example_inputs)["params"])
             return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-        checkpointer = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-        start = checkpointer.latest_step()
-        if start is None:
+        # Resume (the config checked against the checkpoint's) or initialise; only then write.
+        restored = None
+        if checkpointer.all_steps():
+            abstract_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                jax.eval_shape(init_state),
+                state_shardings,
+            )
+            restored = checkpointer.restore_latest(abstract_state, config.to_dict())
+        if restored is None:
             state = jax.jit(init_state, out_shardings=state_shardings)()
             start = 0
             if config.init_from.vision or config.init_from.decoder:
@@ -275,14 +288,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     out_shardings=state_shardings,
                 )(params)
         else:
-            abstract_state = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                jax.eval_shape(init_state),
-                state_shardings,
-            )
-            state = checkpointer.restore(start, abstract_state)
-            if is_main:
+            state, start = restored.state, restored.step
+        skipped = SkippedRecords(restored.data.get("skipped_records", []) if restored else [])
+        if is_main:
+            write_config(workdir, config.to_json_best_effort(indent=2), start)
+            if restored is not None:
                 print(f"resumed from step {start} in {workdir}", flush=True)
+                for change in restored.changes:
+                    print(f"config changed on resume: {change}", flush=True)
 
         train_step = jax.jit(
             make_train_step(model, tx, config.grad_accum_steps),
@@ -303,42 +316,63 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             k = top_k_at(config.total_steps, config, num_regions)
             return evaluate(eval_step, params, eval_batches, config, mesh, rules, k)
 
+        def save(step, state):
+            _gather_skipped(skipped)
+            data = {"skipped_records": sorted(skipped.indices)}
+            checkpointer.save(step, state, config.to_dict(), data)
+
         prefetch = _Prefetcher(train_batches, start)
 
+        # Everything logged for step s is written before checkpoint s: a resume from s drops
+        # the records after s (MetricsWriter) and logs them again.
         while step < config.total_steps:
-            inputs, targets, _ = prefetch.next()
+            inputs, targets, infos = prefetch.next()
+            skipped.add(infos)
             top_k = top_k_at(step, config, num_regions)
             inputs, targets = global_batch(mesh, rules, (inputs, targets))
             state, metrics = train_step(state, inputs, targets, top_k)
             step += 1
             pending.append((step, metrics))
             if stop.requested or step % config.log_every_steps == 0 or step == config.total_steps:
-                skipped = sum(train_batches.skipped.values())
-                _flush_metrics(pending, writer, schedule, top_k, last_log, skipped)
+                _gather_skipped(skipped)
+                _flush_metrics(pending, writer, schedule, top_k, last_log, len(skipped))
                 last_log = time.monotonic()
                 pending = []
             if stop.requested:
-                checkpointer.save(step, state, config.to_dict(), force=True)
+                save(step, state)
                 checkpointer.close()
                 writer.close()
                 prefetch.close()
                 print(f"SIGTERM: saved step {step} and stopped", flush=True)
                 return {}
-            checkpointer.save(step, state, config.to_dict())
             if step % config.eval_every_steps == 0 or step == config.total_steps:
                 final = run_eval(state.params)
                 writer.write(step, final, prefix="eval")
+            if checkpointer.due(step):
+                save(step, state)
         prefetch.close()
-        checkpointer.save(step, state, config.to_dict(), force=True)
+        save(step, state)
         checkpointer.close()
         if final is None:  # resumed at the end: nothing trained, evaluate what is there
-            final = run_eval(state.params)
-            writer.write(step, final, prefix="eval")
+            final = run_eval(state.params)  # for final_eval.json (its step is logged)
         writer.close()
     if is_main:
         with open(os.path.join(workdir, "final_eval.json"), "w") as f:
             json.dump({"step": step, **final}, f, indent=2)
     return final
+
+
+def _gather_skipped(skipped: SkippedRecords) -> None:
+    """Adds every other host's dropped records to ``skipped`` (a collective; hosts drop
+    different records, and the same record in different epochs)."""
+    if jax.process_count() == 1:
+        return
+    local = np.array(sorted(skipped.indices), np.int32)
+    size = int(multihost_utils.process_allgather(np.int32(local.size)).max())
+    padded = np.full(max(size, 1), -1, np.int32)
+    padded[: local.size] = local
+    gathered = multihost_utils.process_allgather(padded)
+    skipped.indices.update(int(i) for i in gathered.ravel() if i >= 0)
 
 
 def _flush_metrics(pending, writer, schedule, top_k, since: float, skipped: int = 0) -> None:
@@ -425,13 +459,59 @@ class _Prefetcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def main(argv) -> None:
-    del argv
+# What a user gets wrong (a config key, a file, a record, a checkpoint), each naming it, and a
+# NaN: the command line prints one line for these, and with --debug the traceback.
+_USER_ERRORS = (
+    ConfigError,
+    ConversationError,
+    ConversionError,
+    DataError,
+    RestoreError,
+    FloatingPointError,
+    OSError,
+)
+
+
+@contextlib.contextmanager
+def _one_line_errors(errors: tuple[type[BaseException], ...], argv: Sequence[str], debug: bool):
+    """Exits with status 1 and one line ``error: ...`` on ``errors``, unless ``debug``."""
+    try:
+        yield
+    except errors as error:
+        if debug:
+            raise
+        sys.exit(f"error: {_one_line(error, argv)} (--debug for the traceback)")
+
+
+def _one_line(error: BaseException, argv: Sequence[str]) -> str:
+    """``error``'s message on one line. A config file's error comes as the text of a traceback
+    (its last line is the error); an unknown key in a ``--config.`` override as a KeyError
+    inside an AttributeError (named here by its argument)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text:
+        return lines[-1]
+    if isinstance(error, KeyError) and lines:
+        key = lines[0].strip("'")
+        named = [a.split("=")[0] for a in argv if key in a.split("=")[0].split(".")[1:]]
+        return " ".join([f"{' '.join(named) or 'config'}: no such config key.", *lines[1:]])
+    return " ".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a bad command line or config file in one line."""
+    with _one_line_errors((Exception,), argv, debug="--debug" in argv):
+        return flags.FLAGS(argv)
+
+
+def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
-    train(_CONFIG.value, _WORKDIR.value)
+    with _one_line_errors(_USER_ERRORS, argv, debug=_DEBUG.value):
+        train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=_parse_flags)

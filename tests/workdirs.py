@@ -69,7 +69,7 @@ def save_random_workdir(
     params = jax.tree.map(lambda x: x * scale, params)
     state = TrainState(jnp.int32(step), params, optax.adam(1e-3).init(params))
     checkpointer = Checkpointer(str(root), every_steps=1, max_to_keep=1)
-    checkpointer.save(step, state, config.to_dict(), force=True)
+    checkpointer.save(step, state, config.to_dict(), {})
     checkpointer.close()
     return root
 

@@ -7,8 +7,10 @@ sequence. Restarting at step ``s`` therefore reproduces the data exactly, with n
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,10 +20,12 @@ import tokenizers
 from gazejax.data.packing import PackingError, Text, Visual, pack_batch
 from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
-from gazejax.data.sources import ConversationSource, host_dataset
+from gazejax.data.sources import LOGGED_PER_KIND, ConversationSource, host_dataset
 from gazejax.data.synthetic import TASKS, SyntheticConfig, SyntheticVQA, to_conversation
 from gazejax.gaze.geometry import PackingGeometry
 from gazejax.gaze.inputs import MultimodalInputs
+
+_log = logging.getLogger(__name__)
 
 Example = tuple[list[Text | Visual], Mapping[str, Any]]  # items, and info for evaluation
 
@@ -66,10 +70,8 @@ class Batches:
         pad_id: int = 0,
         process_index: int = 0,
         process_count: int = 1,
-        skipped: Mapping[str, int] | None = None,
         task_names: Sequence[str] = (),
     ):
-        """``skipped`` is the sources' live count of skipped bad samples, by error kind."""
         if global_batch_size % process_count:
             raise ValueError(
                 f"batch_size ({global_batch_size}) must be divisible by the number of "
@@ -86,7 +88,6 @@ class Batches:
         self.seed = seed
         self.pad_id = pad_id
         self.offset = process_index * self.local_batch_size
-        self.skipped = {} if skipped is None else skipped
         self.task_names = tuple(task_names)
 
     def bucket(self, step: int) -> Bucket:
@@ -180,16 +181,14 @@ def jsonl_buckets(
     seed: int,
     tokenizer: tokenizers.Tokenizer,
     geometry: PackingGeometry,
-) -> tuple[list[Bucket], ConversationSource]:
+) -> list[Bucket]:
     """One bucket over a LLaVA / Cambrian JSON(L) file, shuffled by ``seed``, repeated forever.
 
     ``data`` is the config's data section: ``jsonl.{train, eval, image_root, video_root,
-    max_frames, max_skips}``, ``buckets.all``, ``system_prompt``, ``skip_bad_samples``. A skipped
-    (bad) record is replaced by the next good one; the source's ``skipped`` counter says how
-    many were skipped and why.
-
-    Returns:
-      The bucket, and the source (for its skip counts).
+    max_frames, max_skips}``, ``buckets.all``, ``system_prompt``, ``skip_bad_samples``. A bad
+    record raises :class:`DataError`, or with ``skip_bad_samples`` is replaced by the next good
+    one: the example's info then holds ``"dropped"``, ``{record index: DataError}`` of the bad
+    records passed over (for :class:`SkippedRecords`).
     """
     spec = data["jsonl"]
     shape = BatchShape(**dict(data["buckets"]["all"]))
@@ -199,23 +198,60 @@ def jsonl_buckets(
         image_size=geometry.image_size,
         max_frames=spec["max_frames"],
         video_root=spec["video_root"] or None,
-        skip_bad_samples=data["skip_bad_samples"],
         tokenizer=tokenizer,
         system_prompt=data["system_prompt"],
         max_length=shape.length,
         tokens_per_unit=geometry.slots_per_unit,
         max_units=shape.max_units,
     )
-    dataset = host_dataset(source, seed=seed, num_epochs=None, process_index=0, process_count=1)
+    # The shuffled order of record indices (the source's own shuffle, without reading records).
+    order = host_dataset(
+        range(len(source)), seed=seed, num_epochs=None, process_index=0, process_count=1
+    )
 
     def example(index: int) -> Example:
+        dropped = {}
         for attempt in range(spec["max_skips"] + 1):
-            record = dataset[index + attempt]
-            if record is not None:
-                return record["items"], {"task": spec.get("task", "jsonl"), "id": record["id"]}
+            record_index = order[index + attempt]
+            try:
+                record = source[record_index]
+            except DataError as error:
+                if not data["skip_bad_samples"]:
+                    raise
+                dropped[record_index] = error
+                continue
+            info = {"task": spec.get("task", "jsonl"), "id": record["id"], "dropped": dropped}
+            return record["items"], info
         raise DataError(
             f"{spec['max_skips'] + 1} bad records in a row from shuffled index {index}",
             spec[split],
         )
 
-    return [Bucket("all", example, shape)], source
+    return [Bucket("all", example, shape)]
+
+
+class SkippedRecords:
+    """The distinct bad records dropped from training so far (``train/skipped_samples``), by
+    their index in the records file.
+
+    :meth:`add` takes the infos of each batch that trains, so that a record counts once however
+    often it is read (at start-up, ahead of time, in every epoch, by neighbouring examples).
+    Each is logged when first dropped (the first ``LOGGED_PER_KIND`` of each error kind).
+    """
+
+    def __init__(self, indices: Iterable[int] = ()):
+        self.indices = set(indices)
+        self._logged: collections.Counter[str] = collections.Counter()
+
+    def add(self, infos: Sequence[Mapping[str, Any]]) -> None:
+        for info in infos:
+            for index, error in info.get("dropped", {}).items():
+                if index in self.indices:
+                    continue
+                self.indices.add(index)
+                self._logged[error.kind] += 1
+                if self._logged[error.kind] <= LOGGED_PER_KIND:
+                    _log.warning("skipping a bad sample (%s): %s", error.kind, error)
+
+    def __len__(self) -> int:
+        return len(self.indices)

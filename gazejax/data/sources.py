@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -29,7 +29,7 @@ from gazejax.data.video import read_video
 from gazejax.data.vocab import IMAGE_TOKEN
 
 _log = logging.getLogger(__name__)
-_LOGGED_PER_KIND = 10  # skips logged per error kind; all are counted
+LOGGED_PER_KIND = 10  # skips logged per error kind; all are counted
 
 
 class ConversationSource:
@@ -100,7 +100,7 @@ class ConversationSource:
             if not self.skip_bad_samples:
                 raise
             self.skipped[error.kind] += 1
-            if self.skipped[error.kind] <= _LOGGED_PER_KIND:
+            if self.skipped[error.kind] <= LOGGED_PER_KIND:
                 _log.warning("skipping a bad sample (%s): %s", error.kind, error)
             return None
 
@@ -195,7 +195,7 @@ def _record_error(example: Mapping[str, Any], reason: str, kind: str) -> DataErr
 
 
 def host_dataset(
-    source: ConversationSource,
+    source: Sequence,
     *,
     seed: int,
     num_epochs: int | None = 1,
@@ -204,7 +204,8 @@ def host_dataset(
     process_count: int | None = None,
     drop_remainder: bool = False,
 ) -> grain.MapDataset:
-    """This host's share of ``source``, shuffled by ``seed`` and repeated, as a MapDataset.
+    """This host's share of ``source`` (a random-access sequence, e.g. a
+    :class:`ConversationSource`), shuffled by ``seed`` and repeated, as a MapDataset.
 
     Host ``p`` of ``n`` (default ``jax.process_index()`` / ``jax.process_count()``) takes
     records ``p, p + n, p + 2n, ...``: hosts are disjoint and together cover the source (all of

@@ -89,5 +89,16 @@ def save(directory: str | pathlib.Path) -> pathlib.Path:
 
 def load_tokenizer(path: str | None) -> Tokenizer:
     """The tokenizer of a data config: ``path``'s ``tokenizer.json`` (Hugging Face format), or
-    the built-in one (:func:`build_tokenizer`, the synthetic set's) when ``path`` is None."""
-    return build_tokenizer() if path is None else Tokenizer.from_file(path)
+    the built-in one (:func:`build_tokenizer`, the synthetic set's) when ``path`` is None.
+
+    Raises:
+      DataError: naming ``path`` when it does not load.
+    """
+    from gazejax.data.records import DataError  # records imports this module
+
+    if path is None:
+        return build_tokenizer()
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as error:  # tokenizers raises a bare Exception
+        raise DataError(f"cannot load the tokenizer: {error}", path, kind="file") from error
