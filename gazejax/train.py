@@ -39,7 +39,13 @@ from gazejax import optim
 from gazejax.checkpointing import Checkpointer, RestoreError, TrainState, write_config
 from gazejax.configuration import ConfigError, validate_config
 from gazejax.convert import ConversionError
-from gazejax.data.batches import Batches, SkippedRecords, jsonl_buckets, synthetic_buckets
+from gazejax.data.batches import (
+    Batches,
+    BucketError,
+    SkippedRecords,
+    jsonl_buckets,
+    synthetic_buckets,
+)
 from gazejax.data.records import DataError
 from gazejax.data.synthetic import TASKS
 from gazejax.data.template import ConversationError
@@ -462,6 +468,7 @@ class _Prefetcher:
 # What a user gets wrong (a config key, a file, a record, a checkpoint), each naming it, and a
 # NaN: the command line prints one line for these, and with --debug the traceback.
 _USER_ERRORS = (
+    BucketError,
     ConfigError,
     ConversationError,
     ConversionError,

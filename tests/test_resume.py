@@ -203,6 +203,16 @@ def test_command_line_user_errors_are_one_line(tmp_path):
     debug = _cli(*run, "--config.model.decoder.num_layers=2", "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert "ConfigError: cannot resume" in debug.stderr
+    # A bucket too small for the region size (a fresh run): the key and the value it needs.
+    fresh = _cli(
+        "--config=configs/synthetic.py:runlocal",
+        f"--workdir={tmp_path / 'fresh'}",
+        "--config.model.region_size=(1,1,1)",
+    )
+    assert fresh.returncode == 1
+    assert fresh.stderr.splitlines()[-1].startswith(
+        "error: config.data.buckets.image.num_regions=9 is too small: a sample of step 0 needs 36"
+    )
 
 
 def test_a_missing_tokenizer_is_named(tmp_path):

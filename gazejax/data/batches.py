@@ -30,6 +30,10 @@ _log = logging.getLogger(__name__)
 Example = tuple[list[Text | Visual], Mapping[str, Any]]  # items, and info for evaluation
 
 
+class BucketError(ValueError):
+    """A sample does not fit its bucket; the message names the config key and the value needed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
     """Static per-sample shapes: slots, visual units and regions."""
@@ -118,7 +122,7 @@ class Batches:
                 self.pad_id,
             )
         except PackingError as error:
-            raise ValueError(
+            raise BucketError(
                 f"config.data.buckets.{bucket.name}.{error.field}={error.given} is too small: a "
                 f"sample of step {step} needs {error.needed} (unit grid {self.geometry.unit_grid}, "
                 f"region_size {self.geometry.region_size})"
