@@ -271,10 +271,7 @@ def _merge(out, lse, state):
     seen = total > 0
     lse_b = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     out_b = acc / jnp.where(seen, total, 1.0)[..., None]
-    merged = jnp.logaddexp(lse, lse_b)
-    safe = jnp.where(jnp.isfinite(merged), merged, 0.0)
-    weight_a, weight_b = jnp.exp(lse - safe)[..., None], jnp.exp(lse_b - safe)[..., None]
-    return weight_a * out + weight_b * out_b, merged
+    return _merge_splits(jnp.stack([out, out_b], axis=2), jnp.stack([lse, lse_b], axis=2))
 
 
 # ----------------------------------------------------------------------------------------------
