@@ -99,7 +99,8 @@ def base_config(stage: int = 2, attention: str = "dense") -> ml_collections.Conf
     config.optim.trainable = [".*"] if stage == 2 else ["projector/.*", "context_tokens"]
     config.optim.lr_multipliers = []  # [regex, multiplier] pairs; 0 freezes
 
-    config.mesh = ml_collections.ConfigDict({"shape": [-1, 1, 1, 1]})
+    # A tuple, so the command line can set it: --config.mesh.shape='(2,1,2,2)'.
+    config.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1, 1)})
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
     # jax.distributed: empty address / -1 counts mean auto-detect (TPU pods, SLURM, ...).
     config.distributed = dict(

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 
 from gazejax.models.attention import apply_rope, dense_attention, rope_cos_sin
 from gazejax.models.layers import Projection
+from gazejax.models.sharded_gaze import gaze_attention_on_mesh
 from kernels.gaze_attention import (
     IMPLEMENTATIONS,
     ROUTINGS,
     RegionTable,
     TokenKind,
     TokenMeta,
-    gaze_attention,
     region_descriptors,
     validate_top_k,
     visibility,
@@ -280,7 +280,7 @@ class Attention(nn.Module):
         if cfg.attention == "dense":
             out = dense_attention(q, k, v, inputs.mask)
         else:
-            out, selection = gaze_attention(
+            out, selection = gaze_attention_on_mesh(
                 q,
                 k,
                 v,

@@ -101,7 +101,7 @@ def attend_selected_pallas_decode(
         default: enough for ~256 programs on GPU (~8 on TPU; 2 interpreted), at most the
         segments there may be.
       backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton), ``"cpu"`` (the
-        TPU kernel, interpreted); default from ``jax.default_backend()``.
+        TPU kernel, interpreted); default ``platform.target_platform()``.
       interpret: run the kernel in interpret mode; default: where the default device cannot
         run it (a CPU; the Mosaic kernel on a GPU).
 

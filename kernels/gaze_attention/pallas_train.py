@@ -60,7 +60,8 @@ over the plan's kv tiles. dK/dV: kv-major: each program owns one kv tile and wal
 q tile)`` pairs of its GQA group that see it, so the sum over the group's query heads happens in
 the kernel, deterministically, without atomics.
 
-Platforms. The ``backend`` argument (default ``jax.default_backend()``) picks the compiler:
+Platforms. The ``backend`` argument (default ``platform.target_platform()``: the mesh's
+platform, else ``jax.default_backend()``) picks the compiler:
 ``"tpu"`` Mosaic and the grid driver, ``"gpu"``/``"cuda"``/``"triton"`` Triton and the loop
 driver. ``interpret=True`` (default on CPU) runs the loop driver in the Pallas interpreter, or,
 with ``backend="tpu"``, the grid driver (``interpret=pltpu.InterpretParams(...)``: in the slower
@@ -85,7 +86,14 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
-from kernels.gaze_attention.platform import Backend, Compiler, compiler_for, dot, interprets
+from kernels.gaze_attention.platform import (
+    Backend,
+    Compiler,
+    compiler_for,
+    dot,
+    interprets,
+    target_platform,
+)
 from kernels.gaze_attention.routing import Selection
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -132,7 +140,8 @@ def attend_selected_pallas_train(
       block_q, block_kv: tile sizes (powers of two); default ``min(128, next power of two of
         the length)``, 64 for float32 with ``head_dim >= 128`` on Triton (shared memory).
       backend: ``"tpu"`` (Mosaic), ``"gpu"``/``"cuda"``/``"triton"`` (Triton) or ``"cpu"``;
-        default ``jax.default_backend()``.
+        default ``platform.target_platform()`` (the ``jax.set_mesh`` mesh's, else
+        ``jax.default_backend()``).
       interpret: run in the Pallas interpreter; default: where the default device cannot run
         the backend's kernels (a CPU; Mosaic on a GPU). With ``backend="tpu"`` a
         ``pltpu.InterpretParams`` runs the TPU interpreter.
@@ -151,7 +160,7 @@ def attend_selected_pallas_train(
     group = num_heads // num_kv_heads
     if group >= 1 << (31 - 2 - _TILE_BITS):
         raise ValueError(f"at most 127 query heads per KV head, got {group}")
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     compiler = compiler_for(backend)
     if not isinstance(interpret, pltpu.InterpretParams):
         interpret = interprets(interpret, compiler)

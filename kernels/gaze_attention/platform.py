@@ -2,10 +2,12 @@
 precision of its dots.
 
 The kernels choose at trace time (their tiling and their XLA-side work lists depend on it), from
-an explicit ``backend`` or ``jax.default_backend()``: ``"tpu"`` compiles with Mosaic,
+an explicit ``backend`` or :func:`target_platform` (the platform of the mesh set by
+``jax.set_mesh``, else ``jax.default_backend()``): ``"tpu"`` compiles with Mosaic,
 ``"gpu"``/``"cuda"``/``"triton"`` with Triton, and ``"cpu"`` runs the interpreter. An explicit
-backend lets a CPU-only host compile for a device it does not have (``tests/aot``), and a GPU
-interpret the TPU kernel (the tests check both variants everywhere).
+backend, or a mesh of a deviceless topology, lets a CPU-only host compile for a device it does
+not have (``tests/aot``), and an explicit backend lets a GPU interpret the TPU kernel (the tests
+check both variants everywhere).
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ Backend = Literal["tpu", "cpu", "gpu", "cuda", "triton"]
 Compiler = Literal["mosaic", "triton"]
 
 
+def target_platform() -> str:
+    """The platform the kernels compile for by default: that of the devices of the mesh set by
+    ``jax.set_mesh`` (a deviceless TPU topology's mesh on a CPU host: ``"tpu"``), else
+    ``jax.default_backend()``."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def compiler_for(backend: Backend | None) -> Compiler:
-    """The Pallas compiler of ``backend`` (default ``jax.default_backend()``); on CPU the one
+    """The Pallas compiler of ``backend`` (default :func:`target_platform`); on CPU the one
     whose kernel the interpreter runs (Mosaic's)."""
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     if backend in ("tpu", "cpu"):
         return "mosaic"
     if backend in ("gpu", "cuda", "triton"):
@@ -32,11 +42,11 @@ def compiler_for(backend: Backend | None) -> Compiler:
 
 
 def interprets(interpret: bool | None, compiler: Compiler) -> bool:
-    """``interpret``, by default whether the default device cannot run ``compiler``'s kernels
-    natively (a CPU runs none; a GPU runs Triton's, a TPU Mosaic's)."""
+    """``interpret``, by default whether the target devices (:func:`target_platform`) cannot
+    run ``compiler``'s kernels natively (a CPU runs none; a GPU runs Triton's, a TPU Mosaic's)."""
     if interpret is not None:
         return bool(interpret)
-    native = {"gpu": "triton", "tpu": "mosaic"}.get(jax.default_backend())
+    native = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic"}.get(target_platform())
     return compiler != native
 
 
