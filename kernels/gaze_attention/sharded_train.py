@@ -39,7 +39,8 @@ Dimensions that do not divide are not split: a batch not divisible by the batch 
 KV heads not divisible by the head axes' size (rather than split a GQA group), is replicated over
 those axes (every device of them computes the same heads: correct, and the rest of the layer
 stays sharded); a query or KV length not divisible by the sequence axis' size (a decode step,
-``q_len = 1``) is not sequence-split. Such replication is correct under autodiff: with
+``q_len = 1``) is not sequence-split; when nothing splits, the op runs as it is (outside
+``shard_map``, placed by XLA's partitioner). Replication is correct under autodiff: with
 ``check_vma=False`` the transpose divides the output cotangent by, and sums the input
 cotangents over, the axes an operand is replicated on.
 """
@@ -113,8 +114,10 @@ def sharded_gaze_attention(
     b = dividing(batch_axes, batch)
     h = dividing(head_axes, num_kv_heads)
     s = dividing(sequence_axis, q_len, kv_len)
-    tokens, per_sample = PartitionSpec(b, s, h, None), PartitionSpec(b)
     args = [query, key, value, query_meta, kv_meta, regions]
+    if b is None and h is None and s is None:  # nothing to split: the op as it is
+        return _attend_local(*args, descriptors, sequence_axis=None, **options)
+    tokens, per_sample = PartitionSpec(b, s, h, None), PartitionSpec(b)
     specs = [tokens, tokens, tokens, PartitionSpec(b, s), per_sample, per_sample]
     if descriptors is not None:
         args.append(descriptors)
