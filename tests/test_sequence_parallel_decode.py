@@ -11,6 +11,7 @@ the checks run in one subprocess (this file run as a script) and report back as 
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 import traceback
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from lmms_eval.api.instance import Instance
 from PIL import Image
 
 from gazejax.data.vocab import build_tokenizer
@@ -27,11 +29,12 @@ from gazejax.eval.methods import parse_methods
 from gazejax.eval.sweep import sweep
 from gazejax.inference import Checkpoint, build_prompt, decode, generate_answer, with_attention
 from gazejax.inference.sequence_parallel import shard_prompt
+from gazejax.lmms.model import GazeJaxLMM
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from gazejax.sharding import make_mesh, mesh_rules, parse_mesh
 from tests.simulated_devices import iter_eqns, print_results, run_script
-from tests.workdirs import tiny_gaze_config
+from tests.workdirs import save_workdir, tiny_gaze_config
 
 NUM_DEVICES = 8
 TOP_K = 2
@@ -70,7 +73,7 @@ def build_prompts(config):
     tokenizer = build_tokenizer()
     mixed = [visual(1), visual(1), visual(5)]
     return {
-        "one image": build_prompt(config, tokenizer, "what color?", [visual(1)]),
+        "one image": build_prompt(config, tokenizer, "what color?", [visual(1)], ""),
         "two images and a video": build_prompt(
             config, tokenizer, "<image> <image> which moves in <image>?", mixed, pad_multiple=1
         ),
@@ -184,6 +187,25 @@ def check_evaluate(mesh, root) -> None:
     assert single["records"][0]["per_example"], "no per-example scores compared"
 
 
+def check_lmms(prompt, root) -> None:
+    """The lmms-eval model with ``mesh=sequence=8`` answers as on one device (the one-image
+    prompt's shapes: the decode is compiled already)."""
+    model = tiny_model("gaze")
+    workdir = pathlib.Path(root) / "lmms"
+    workdir.mkdir()
+    save_workdir(workdir, tiny_gaze_config(), random_params(model, prompt.inputs))
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), np.uint8))
+    args = ("what color?", {"max_new_tokens": NEW_TOKENS}, lambda doc: [image], 0, "t", "test")
+    metadata = {"task": "t", "doc_id": 0, "repeats": 1}
+    request = Instance("generate_until", args, idx=0, metadata=metadata)
+    answers = []
+    for mesh in (None, "sequence=8"):
+        lm = GazeJaxLMM(workdir=str(workdir), top_k=TOP_K, mesh=mesh)
+        lm.task_dict = {"t": {"test": [{}]}}
+        answers += lm.generate_until([request])
+    assert answers[0] == answers[1] and answers[0], answers
+
+
 def assert_same(actual, expected, where: str = "") -> None:
     """Equal nested records, floats to 1e-5."""
     if isinstance(expected, dict):
@@ -222,6 +244,7 @@ def run_mesh_checks() -> dict[str, object]:
             mesh,
         ),
         "evaluate": (check_evaluate, mesh, sys.argv[1]),
+        "lmms-eval generate_until": (check_lmms, prompts["one image"], sys.argv[1]),
     }
     results = {}
     for name, (check, *args) in checks.items():
@@ -238,6 +261,7 @@ MESH_CHECKS = (
     "two images and a video [gaze]",
     "two images and a video [dense]",
     "evaluate",
+    "lmms-eval generate_until",
 )
 
 

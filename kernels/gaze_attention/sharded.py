@@ -1,4 +1,8 @@
-"""Gaze decode over a KV cache sharded along its sequence axis (DESIGN.md §4, issue 4).
+"""Gaze decode over a KV cache sharded along its sequence axis (DESIGN.md §4, issues 4, 13).
+
+Also here, for the same cache: :func:`sharded_dense_decode` (the dense baseline, merged by the
+same log-sum-exp) and :func:`sharded_region_descriptors` (a prefill's descriptors, each shard's
+from its own keys). ``gazejax.models.sequence_split`` calls all three from the decoder.
 
 The cache's sequence axis is split over the mesh axis ``axis`` (``P`` shards of ``L`` slots);
 the query is replicated. Under :func:`jax.shard_map`, every decode step runs, per shard ``s``:
