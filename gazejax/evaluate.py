@@ -4,7 +4,7 @@ r"""Evaluate a trained workdir: a jitted sweep over methods × KV budgets × ben
         [--methods dense,gaze,dense_reduced,evict_question] [--budgets 0.11,0.22,0.44] \
         [--examples 288] [--benchmarks synthetic,jsonl:PATH[:NAME]] [--batch-size 16] \
         [--image-root DIR] [--video-root DIR] [--max-frames 8] [--fps 1] [--jsonl-limit N] \
-        [--out runs/gaze/eval]
+        [--mesh sequence=8] [--out runs/gaze/eval]
 
 writes ``OUT/results.json`` (DESIGN.md §6: one record per method, budget and benchmark),
 ``OUT/results.md`` (a table) and ``OUT/score_vs_kv.png`` (score against visual KV fraction).
@@ -25,6 +25,7 @@ from gazejax.eval.methods import DEFAULT_BUDGETS, METHODS, parse_methods
 from gazejax.eval.reports import markdown_table, write_reports
 from gazejax.eval.sweep import sweep
 from gazejax.inference.checkpoints import load_checkpoint
+from gazejax.sharding import MESH_AXES, make_mesh, parse_mesh
 
 
 def _floats(text: str) -> list[float]:
@@ -70,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         "--jsonl-limit", type=int, default=None, help="score the first N lines of each JSONL"
     )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="AXIS=SIZE,...",
+        help=f"run each forward over a device mesh with axes {', '.join(MESH_AXES)} (unnamed: "
+        "1; one size may be -1, the devices left), e.g. sequence=8 or data=2,sequence=4: "
+        "activations split by the logical axis rules, parameters replicated (default: one "
+        "device)",
+    )
     parser.add_argument("--out", default=None, help="default: WORKDIR/eval")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -82,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = parse_methods(
             [m.strip() for m in args.methods.split(",") if m.strip()], _floats(args.budgets)
         )
+        mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
         checkpoint = load_checkpoint(args.workdir, args.step)
         with open(os.path.join(args.workdir, "config.json")) as f:
             raw_config = json.load(f)
@@ -98,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_frames=args.max_frames,
             fps=args.fps,
             jsonl_limit=args.jsonl_limit,
+            mesh=mesh,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
     python -m gazejax.generate --checkpoint WORKDIR --image cat.png --prompt "what color?" \\
         [--video clip.mp4 | --video frames/] [--max-new-tokens 32] [--temperature T --top-p P] \\
-        [--top-k K] [--attention dense|gaze] [--routing-map OUT.png] [--attention-map OUT.png]
+        [--top-k K] [--attention dense|gaze] [--mesh sequence=8] [--routing-map OUT.png] \
+        [--attention-map OUT.png]
 
 The prompt is the training template (:mod:`gazejax.inference.prompts`), prefilled once into the
 KV cache, then decoded one token per jitted step (:func:`gazejax.inference.generate_answer`)
-until ``<|im_end|>`` or ``--max-new-tokens``. The maps are described in
-:mod:`gazejax.inference.maps`.
+until ``<|im_end|>`` or ``--max-new-tokens``. ``--mesh sequence=N`` splits the KV cache along
+its sequence over N devices (:mod:`gazejax.inference.sequence_parallel`): same answer, 1/N of
+the cache per device. The maps are described in :mod:`gazejax.inference.maps`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from gazejax.inference import (
     with_attention,
 )
 from gazejax.models.mllm import MultimodalModel
+from gazejax.sharding import make_mesh, parse_mesh
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("dense", "gaze"),
         default=None,
         help="override the model's attention (same weights)",
+    )
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="sequence=N",
+        help="split the KV cache along its sequence over N devices (prefill and every decode "
+        "step; the other mesh axes must be 1); default: one device",
     )
     parser.add_argument(
         "--max-frames",
@@ -112,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (errors are printed to stderr, status 1)."""
     args = _parser().parse_args(argv)
     try:
+        mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
         checkpoint = load_checkpoint(args.checkpoint, args.step)
         config = checkpoint.config
         if args.attention:
@@ -148,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             rng=jax.random.key(args.seed),
+            mesh=mesh,
         )
         print(result.text)
         if args.routing_map:

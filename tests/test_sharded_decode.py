@@ -9,11 +9,7 @@ process.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import subprocess
-import sys
 import traceback
 
 import jax
@@ -40,9 +36,9 @@ from kernels.gaze_attention import (
 )
 from kernels.gaze_attention.reference import attend_selected_reference
 from kernels.gaze_attention.xla import attend_selected_xla
+from tests.simulated_devices import iter_eqns, print_results, run_script
 
 NUM_DEVICES = 8
-RESULTS_TAG = "SHARDED_DECODE_RESULTS "
 HLO_COLLECTIVE = re.compile(
     r"=\s*(.*?)\s(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter"
     r"|collective-broadcast)(?:-start)?\("
@@ -285,18 +281,6 @@ def check_only_small_collectives(implementation: str) -> None:
         assert sum(int(np.prod([int(n) for n in d.split(",") if n])) for d in dims) <= limit, m[0]
 
 
-def iter_eqns(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs nested in its parameters."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from iter_eqns(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from iter_eqns(sub)
-
-
 MESH_CHECKS = {
     **{
         f"{name} [{impl}]": (check_against_unsharded, spec, impl)
@@ -325,24 +309,7 @@ def run_mesh_checks() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=root,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-    )
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=root,
-    )
-    lines = [x for x in result.stdout.splitlines() if x.startswith(RESULTS_TAG)]
-    assert result.returncode == 0 and lines, result.stderr[-4000:]
-    return json.loads(lines[-1][len(RESULTS_TAG) :])
+    return run_script(__file__, NUM_DEVICES)
 
 
 @pytest.mark.parametrize("name", MESH_CHECKS)
@@ -496,4 +463,4 @@ def naive_lse(query, key, query_meta: TokenMeta, kv_meta: TokenMeta, selection, 
 
 
 if __name__ == "__main__":
-    print(RESULTS_TAG + json.dumps(run_mesh_checks()), flush=True)
+    print_results(run_mesh_checks())

@@ -63,10 +63,16 @@ def save_random_workdir(
 ) -> pathlib.Path:
     """Writes ``root/config.json`` and a step-``step`` checkpoint of a model of ``config.model``
     initialised on ``inputs`` (parameters times ``scale``: > 1 sharpens attention)."""
-    (root / "config.json").write_text(config.to_json_best_effort(indent=2))
     model = MultimodalModel(multimodal_config(config.model))
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), inputs))["params"]
-    params = jax.tree.map(lambda x: x * scale, params)
+    return save_workdir(root, config, jax.tree.map(lambda x: x * scale, params), step)
+
+
+def save_workdir(
+    root: pathlib.Path, config: ml_collections.ConfigDict, params, step: int = 3
+) -> pathlib.Path:
+    """Writes ``root/config.json`` and a step-``step`` checkpoint of ``params``."""
+    (root / "config.json").write_text(config.to_json_best_effort(indent=2))
     state = TrainState(jnp.int32(step), params, optax.adam(1e-3).init(params))
     checkpointer = Checkpointer(str(root), every_steps=1, max_to_keep=1)
     checkpointer.save(step, state, config.to_dict(), {})

@@ -3,12 +3,15 @@ the content of ``results.json``."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gazejax.data.packing import pack_batch
 from gazejax.eval.benchmarks import LoadOptions, load_benchmark
@@ -17,6 +20,7 @@ from gazejax.eval.examples import Example, batch_shape
 from gazejax.eval.methods import Method, Runner
 from gazejax.eval.scoring import SCORING, jitted_scores
 from gazejax.inference.checkpoints import Checkpoint
+from gazejax.sharding import mesh_rules
 from kernels.gaze_attention import TokenKind
 
 
@@ -112,13 +116,16 @@ def sweep(
     max_frames: int | None = None,
     fps: float = 1.0,
     jsonl_limit: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict:
     """Runs every method on every benchmark; the ``results.json`` content.
 
     ``benchmarks``: ``--benchmarks`` specs (:mod:`gazejax.eval.benchmarks`): ``"synthetic"``
     (``examples`` of the synthetic eval split) and ``"jsonl:PATH[:NAME]"`` (every line, or the
     first ``jsonl_limit``; see :func:`~gazejax.eval.benchmarks.jsonl.jsonl_benchmark` for
-    ``image_root``, ``video_root``, ``max_frames`` and ``fps``).
+    ``image_root``, ``video_root``, ``max_frames`` and ``fps``). ``mesh``: run each forward
+    over it, activations split by the default logical axis rules (batch over ``data`` and
+    ``fsdp``, sequence over ``sequence``, heads over ``tensor``), parameters replicated.
     """
     base = checkpoint.config
     notes = []
@@ -141,6 +148,9 @@ def sweep(
         if any(b.name == benchmark.name for b in loaded):
             raise ValueError(f"two benchmarks named {benchmark.name!r}: name one jsonl:PATH:NAME")
         loaded.append(benchmark)
+    if mesh is not None:
+        params = jax.device_put(checkpoint.params, NamedSharding(mesh, PartitionSpec()))
+        checkpoint = dataclasses.replace(checkpoint, params=params)
     records = []
     for benchmark in loaded:
         bar = Progress(len(benchmark.examples) * len(methods), progress)
@@ -148,9 +158,10 @@ def sweep(
         try:
             for method in methods:
                 runner = method.runner(base)
-                results = run_method(
-                    checkpoint, runner, benchmark.examples, batch_size, pad_id, bar, packed
-                )
+                with mesh_rules(mesh):
+                    results = run_method(
+                        checkpoint, runner, benchmark.examples, batch_size, pad_id, bar, packed
+                    )
                 records += benchmark.records(runner, results)
         finally:
             bar.close()

@@ -5,6 +5,8 @@
 - :mod:`~gazejax.inference.prompts`: the training template as a packed :class:`Prompt`.
 - :mod:`~gazejax.inference.decode`: prefill + jitted decode steps (:func:`generate_answer` for
   the multimodal model, :func:`generate_token_ids` for the text-only decoder).
+- :mod:`~gazejax.inference.sequence_parallel`: a prompt laid out for a KV cache split along its
+  sequence over a mesh (``generate_answer(mesh=...)``).
 - :mod:`~gazejax.inference.sampling`: greedy / temperature / top-p choice of the next token.
 - :mod:`~gazejax.inference.probes`: selected regions and attention probabilities.
 - :mod:`~gazejax.inference.maps`: routing and attention map PNGs.

@@ -20,14 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gazejax.data.vocab import IM_END_TOKEN
 from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.inference.probes import selections_at
 from gazejax.inference.prompts import Prompt
 from gazejax.inference.sampling import sample_next_token
+from gazejax.inference.sequence_parallel import decode_shards, shard_prompt
 from gazejax.models.decoder import Decoder, KVCache
 from gazejax.models.mllm import MultimodalModel
+from gazejax.sharding import mesh_rules
 from kernels.gaze_attention import TokenKind, TokenMeta
 
 # --- The multimodal model on a prompt ----------------------------------------------------------
@@ -105,6 +108,7 @@ def generate_answer(
     top_p: float = 1.0,
     rng: jax.Array | None = None,
     eos_id: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GenerationResult:
     """Prefills ``prompt`` into a KV cache, then decodes one jitted step per token.
 
@@ -119,7 +123,47 @@ def generate_answer(
       temperature, top_p: see :func:`~gazejax.inference.sampling.sample_next_token`; 0 is greedy.
       rng: PRNG key, needed when sampling.
       eos_id: stop once this token is generated.
+      mesh: split the KV cache along its sequence over the mesh's ``sequence`` axis (other
+        axes of size 1; :mod:`gazejax.inference.sequence_parallel`); the same tokens, and
+        selections in the same region ids, as without.
     """
+    options = dict(
+        tokenizer=tokenizer,
+        top_k=top_k,
+        temperature=temperature,
+        top_p=top_p,
+        rng=rng,
+        eos_id=eos_id,
+    )
+    if mesh is None:
+        return _generate_answer(model, params, prompt, max_new_tokens, **options)
+    sharded = shard_prompt(prompt, decode_shards(mesh), room=max_new_tokens)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    with mesh_rules(mesh):
+        result = _generate_answer(
+            model, params, sharded.prompt, max_new_tokens, free_slot=sharded.free_slot, **options
+        )
+    if result.selections is None:
+        return result
+    return dataclasses.replace(result, selections=sharded.original_regions(result.selections))
+
+
+def _generate_answer(
+    model: MultimodalModel,
+    params,
+    prompt: Prompt,
+    max_new_tokens: int,
+    *,
+    tokenizer: tokenizers.Tokenizer | None,
+    top_k: int | None,
+    temperature: float,
+    top_p: float,
+    rng: jax.Array | None,
+    eos_id: int | None,
+    free_slot: int | None = None,
+) -> GenerationResult:
+    """:func:`generate_answer` on the current mesh; the answer's tokens go to the cache's slots
+    from ``free_slot`` on (default: after the prompt's ``length`` slots)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     gaze = model.config.decoder.attention == "gaze"
@@ -137,8 +181,10 @@ def generate_answer(
         prompt.inputs,
         jnp.int32(prompt.last_slot),
         top_k=top_k,
-        max_len=prompt.length + max_new_tokens,
+        max_len=prompt.length + (max_new_tokens if free_slot is None else 0),
     )
+    if free_slot is not None:
+        cache = cache.replace(end=jnp.int32(free_slot))
     unrouted = prompt.num_unrouted + max_new_tokens if gaze else None
     tokens, selections = [], []
     finished = False

@@ -11,6 +11,10 @@
   max_new_tokens: when a task's ``generation_kwargs`` name none (default 32).
   max_frames, fps: video sampling (default: the training data's ``max_frames``, 1 frame/s).
   seed: sampling seed (request ``i`` samples with ``fold_in(key(seed), i)``).
+  mesh: a device mesh as ``python -m gazejax.generate --mesh`` takes it, with ``;`` between
+    axes in ``--model_args`` (whose separator is ``,``), e.g. ``mesh=sequence=8``: decoding
+    splits the KV cache along its sequence over the ``sequence`` axis (its other axes 1) and
+    ``loglikelihood`` runs its forward over the mesh; default one device.
   score: what ``loglikelihood`` returns first: ``nll`` (default), the summed negative
     log-likelihood ``-log p(continuation | prompt)``, or ``loglik``, its negation. lmms-eval's
     ``multiple_choice`` picks the option of *smallest* value (``argmin``: its models return a
@@ -34,12 +38,14 @@ gaze decode (:func:`gazejax.inference.generate_answer`) until ``<|im_end|>`` or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation_output
 from lmms_eval.api.model import lmms
 from PIL import Image
@@ -56,8 +62,10 @@ from gazejax.inference import (
     prompt_items,
     with_attention,
 )
+from gazejax.inference.sequence_parallel import decode_shards
 from gazejax.losses import answer_exact_match, answer_loglik
 from gazejax.models.mllm import MultimodalModel
+from gazejax.sharding import make_mesh, mesh_rules, parse_mesh
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,7 @@ class GazeJaxLMM(lmms):
         fps: float = 1.0,
         seed: int = 0,
         score: str = "nll",
+        mesh: str | None = None,
         batch_size: int | str = 1,
         device: str | None = None,
         max_batch_size: int | None = None,
@@ -165,6 +174,11 @@ class GazeJaxLMM(lmms):
             raise ValueError(f"gazejax: score must be nll or loglik, got {score!r}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"gazejax: batch_size must be a positive integer, got {batch_size!r}")
+        self.mesh = None if mesh is None else make_mesh(parse_mesh(str(mesh).replace(";", ",")))
+        if self.mesh is not None:
+            decode_shards(self.mesh)  # the decode's constraint, checked before any request
+            params = jax.device_put(checkpoint.params, NamedSharding(self.mesh, PartitionSpec()))
+            checkpoint = dataclasses.replace(checkpoint, params=params)
         self.checkpoint = checkpoint
         self.config = with_attention(checkpoint.config, attention)
         self.model = MultimodalModel(self.config)
@@ -239,7 +253,8 @@ class GazeJaxLMM(lmms):
                 shape = tuple(max(g[0][i] for g in batch) for i in range(3))
                 padded = batch + [batch[-1]] * (self.batch_size - len(batch))
                 inputs, targets = pack_batch([g[2] for g in padded], self.config.geometry, *shape)
-                loglik, greedy = self._score(self.checkpoint.params, inputs, k, targets)
+                with mesh_rules(self.mesh):
+                    loglik, greedy = self._score(self.checkpoint.params, inputs, k, targets)
                 for (_, index, _), value, is_greedy in zip(batch, loglik, greedy, strict=False):
                     results[index] = (self.sign * float(value), bool(is_greedy))
                     args = requests[index].args[:2]
@@ -281,6 +296,7 @@ class GazeJaxLMM(lmms):
                 temperature=float(kwargs.get("temperature") or 0) if sample else 0.0,
                 top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
                 rng=jax.random.fold_in(jax.random.key(self.seed), index),
+                mesh=self.mesh,
             )
             text = cut_at(result.text, until)
             out.append(text)

@@ -17,6 +17,11 @@ import jax.numpy as jnp
 
 from gazejax.models.attention import apply_rope, dense_attention, rope_cos_sin
 from gazejax.models.layers import Projection
+from gazejax.models.sequence_split import (
+    current_sequence_split,
+    split_decode_step,
+    split_descriptors,
+)
 from gazejax.models.sharded_gaze import gaze_attention_on_mesh
 from kernels.gaze_attention import (
     IMPLEMENTATIONS,
@@ -277,7 +282,12 @@ class Attention(nn.Module):
                 layer_cache.values, v.astype(layer_cache.values.dtype), index
             )
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        if cfg.attention == "dense":
+        split = current_sequence_split() if layer_cache is not None else None
+        if split is not None and q.shape[1] == 1:  # decode over a sequence-split cache
+            out, selection = split_decode_step(split, cfg, q, k, v, inputs, descriptors)
+            if selection is not None:
+                self.sow("intermediates", "selection", selection)
+        elif cfg.attention == "dense":
             out = dense_attention(q, k, v, inputs.mask)
         else:
             out, selection = gaze_attention_on_mesh(
@@ -310,13 +320,18 @@ class Attention(nn.Module):
 
         Computed from the new tokens' keys when they carry the visual tokens (training, prefill)
         and kept in the cache; a prefill in chunks updates the regions of each chunk and keeps
-        the others; a one-token decode step appends text only and reuses them.
+        the others; a one-token decode step appends text only and reuses them. A cache split
+        along its sequence (:mod:`gazejax.models.sequence_split`) is prefilled at once, each
+        shard's descriptors from its own keys.
         """
         if self.config.attention == "dense":
             return None
         if layer_cache is not None and k.shape[1] == 1:
             return layer_cache.descriptors
         keys = pre_rope_k if self.config.gaze_descriptor_keys == "pre_rope" else k
+        split = current_sequence_split() if layer_cache is not None else None
+        if split is not None:  # prefill of a sequence-split cache: per shard
+            return split_descriptors(split, keys, inputs, layer_cache.keys.shape[1])
         previous = None if layer_cache is None else layer_cache.descriptors
         return region_descriptors(keys, inputs.query_meta, inputs.regions.num_regions, previous)
 

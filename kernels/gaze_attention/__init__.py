@@ -10,8 +10,9 @@ This package is the floor of the repository and imports nothing from ``gazejax``
   (region-gather decode, blockwise many-query), ``pallas_decode.py`` and ``pallas_train.py``
   (Pallas kernels: Mosaic on TPU, Triton on GPU, the interpreter on CPU; ``platform.py``
   picks which); ``"auto"`` is Pallas on a GPU/TPU and xla on a CPU.
-- ``sharded.py``: :func:`sharded_gaze_decode`, a decode step over a KV cache sharded along its
-  sequence axis, with any implementation.
+- ``sharded.py``: :func:`sharded_gaze_decode` (with any implementation) and
+  :func:`sharded_dense_decode`, a decode step over a KV cache sharded along its sequence axis,
+  and :func:`sharded_region_descriptors`, each shard's descriptors from its own keys.
 """
 
 from kernels.gaze_attention.dispatch import (
@@ -37,7 +38,12 @@ from kernels.gaze_attention.routing import (
     validate_routing,
     validate_top_k,
 )
-from kernels.gaze_attention.sharded import check_sharded_layout, sharded_gaze_decode
+from kernels.gaze_attention.sharded import (
+    check_sharded_layout,
+    sharded_dense_decode,
+    sharded_gaze_decode,
+    sharded_region_descriptors,
+)
 
 __all__ = [
     "ATTEND_SELECTED",
@@ -55,7 +61,9 @@ __all__ = [
     "resolve_implementation",
     "routable",
     "select_regions",
+    "sharded_dense_decode",
     "sharded_gaze_decode",
+    "sharded_region_descriptors",
     "validate_routing",
     "validate_top_k",
     "visibility",

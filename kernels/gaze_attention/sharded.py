@@ -1,4 +1,8 @@
-"""Gaze decode over a KV cache sharded along its sequence axis (DESIGN.md §4, issue 4).
+"""Gaze decode over a KV cache sharded along its sequence axis (DESIGN.md §4, issues 4, 13).
+
+Also here, for the same cache: :func:`sharded_dense_decode` (the dense baseline, merged by the
+same log-sum-exp) and :func:`sharded_region_descriptors` (a prefill's descriptors, each shard's
+from its own keys). ``gazejax.models.sequence_split`` calls all three from the decoder.
 
 The cache's sequence axis is split over the mesh axis ``axis`` (``P`` shards of ``L`` slots);
 the query is replicated. Under :func:`jax.shard_map`, every decode step runs, per shard ``s``:
@@ -74,9 +78,15 @@ from jax.sharding import PartitionSpec
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.dispatch import ATTEND_SELECTED
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta
+from kernels.gaze_attention.reference import masked_softmax
 from kernels.gaze_attention.routing import Selection
 
-__all__ = ["check_sharded_layout", "sharded_gaze_decode"]
+__all__ = [
+    "check_sharded_layout",
+    "sharded_dense_decode",
+    "sharded_gaze_decode",
+    "sharded_region_descriptors",
+]
 
 
 def sharded_gaze_decode(
@@ -128,26 +138,13 @@ def sharded_gaze_decode(
         raise ValueError(
             f"implementation must be one of {tuple(ATTEND_SELECTED)}, got {implementation!r}"
         )
-    if axis not in mesh.shape:
-        raise ValueError(f"axis {axis!r} is not a mesh axis {tuple(mesh.shape)}")
-    batch, q_len, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1:3]
-    if (
-        q_len != 1
-        or key.shape != value.shape
-        or key.shape[-1] != head_dim
-        or (num_heads % num_kv_heads)
-    ):
+    num_shards = _check_decode_shapes(query, key, value, mesh, axis)
+    if table.num_regions % num_shards or table.num_regions == 0:
         raise ValueError(
-            f"decode shapes expected: query {query.shape}, key {key.shape}, value {value.shape}"
+            f"region slots {table.num_regions} must be a positive multiple of the {num_shards} "
+            f"shards of mesh axis {axis!r}"
         )
-    num_shards = mesh.shape[axis]
-    if kv_len % num_shards or table.num_regions % num_shards or table.num_regions == 0:
-        raise ValueError(
-            f"cache length {kv_len} and region slots {table.num_regions} must be positive "
-            f"multiples of the {num_shards} shards of mesh axis {axis!r}"
-        )
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     replicated, split = PartitionSpec(batch_axis), PartitionSpec(batch_axis, axis)
     args = (query, key, value, query_meta, kv_meta, table)
     specs = (replicated, split, split, replicated, split, split)
@@ -176,6 +173,31 @@ def sharded_gaze_decode(
     )(*args)
 
 
+def _check_decode_shapes(query, key, value, mesh, axis) -> int:
+    """Raises ValueError unless the shapes are a decode step over ``P | kv_len`` shards of
+    mesh axis ``axis``; returns ``P``."""
+    if axis not in mesh.shape:
+        raise ValueError(f"axis {axis!r} is not a mesh axis {tuple(mesh.shape)}")
+    _, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1:3]
+    if (
+        q_len != 1
+        or key.shape != value.shape
+        or key.shape[-1] != head_dim
+        or (num_heads % num_kv_heads)
+    ):
+        raise ValueError(
+            f"decode shapes expected: query {query.shape}, key {key.shape}, value {value.shape}"
+        )
+    num_shards = mesh.shape[axis]
+    if kv_len % num_shards:
+        raise ValueError(
+            f"cache length {kv_len} must be a multiple of the {num_shards} shards of mesh "
+            f"axis {axis!r}"
+        )
+    return num_shards
+
+
 def _shard_step(
     query,
     key,
@@ -195,9 +217,7 @@ def _shard_step(
     shard = jax.lax.axis_index(axis)
     num_regions = table.num_regions  # R, this shard's region slots
     first_region = shard * num_regions
-    kv_meta = kv_meta.replace(
-        region=jnp.where(kv_meta.region >= 0, kv_meta.region - first_region, -1)
-    )
+    kv_meta = _local_regions(kv_meta, first_region)
     table = table.replace(start=jnp.where(table.length > 0, table.start - shard * key.shape[1], 0))
     if descriptors is None:
         descriptors = routing_lib.region_descriptors(key, kv_meta, num_regions)
@@ -221,12 +241,107 @@ def _shard_step(
         scale=scale,
     )
 
+    return _merge_partials(out, lse, axis).astype(query.dtype), Selection(region, valid)
+
+
+def _local_regions(kv_meta: TokenMeta, first_region) -> TokenMeta:
+    """``kv_meta`` of one shard with its global region ids made local (``- first_region``)."""
+    return kv_meta.replace(region=jnp.where(kv_meta.region >= 0, kv_meta.region - first_region, -1))
+
+
+def _merge_partials(out: jax.Array, lse: jax.Array, axis: str) -> jax.Array:
+    """The shards' normalised partial outputs ``[b, q, h, d]`` merged by their log-sum-exps
+    ``[b, q, h]`` (``-inf``: the shard holds nothing the query sees): float32 ``[b, q, h, d]``.
+    One ``pmax`` of ``[b, q, h]`` and one ``psum`` of ``[b, q, h, d + 1]``."""
     peak = jax.lax.pmax(lse, axis)
     weight = jnp.exp(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))[..., None]  # 0 if unseen
     merged = jax.lax.psum(jnp.concatenate([out * weight, weight], axis=-1), axis)
     total = merged[..., -1:]
-    out = merged[..., :-1] / jnp.where(total > 0, total, 1.0)
-    return out.astype(query.dtype), Selection(region, valid)
+    return merged[..., :-1] / jnp.where(total > 0, total, 1.0)
+
+
+def sharded_dense_decode(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis: str = "sequence",
+    batch_axis: str | tuple[str, ...] | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Dense attention of one decode step over a cache sharded along its sequence over ``axis``:
+    each shard attends to its own slots, the partial results merge by log-sum-exp as in
+    :func:`sharded_gaze_decode` (the dense baseline scales the same way; no layout contract).
+
+    Args:
+      query: [batch, 1, num_heads, head_dim], replicated over ``axis``.
+      key, value: [batch, P·L, num_kv_heads, head_dim], sharded along the sequence.
+      mask: bool [batch, 1, P·L], True where the query sees the slot (sharded like ``key``).
+      mesh, axis, batch_axis: as :func:`sharded_gaze_decode`.
+      scale: logit scale; default ``1 / sqrt(head_dim)``.
+
+    Returns:
+      [batch, 1, num_heads, head_dim] in ``query.dtype``, replicated over ``axis``; zeros where
+      the query sees nothing.
+    """
+    _check_decode_shapes(query, key, value, mesh, axis)
+    if mask.shape != (query.shape[0], 1, key.shape[1]):
+        raise ValueError(f"mask {mask.shape} must be [batch, 1, kv_len] of key {key.shape}")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    replicated, split = PartitionSpec(batch_axis), PartitionSpec(batch_axis, axis)
+
+    def step(query, key, value, mask):
+        mask = jnp.broadcast_to(mask[:, :, None, :], (*query.shape[:3], key.shape[1]))
+        out, lse = masked_softmax(query, key, value, mask, scale)
+        return _merge_partials(out, lse, axis).astype(query.dtype)
+
+    return jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(replicated, split, split, PartitionSpec(batch_axis, None, axis)),
+        out_specs=replicated,
+        check_vma=False,  # replication after psum is not statically checked (see above)
+    )(query, key, value, mask)
+
+
+def sharded_region_descriptors(
+    key: jax.Array,
+    kv_meta: TokenMeta,
+    num_regions: int,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis: str = "sequence",
+    batch_axis: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+    """Region descriptors of a cache in the sharded layout, each shard's from its own keys.
+
+    Args:
+      key: [batch, P·L, num_kv_heads, head_dim] keys as cached, sharded along the sequence.
+      kv_meta: [batch, P·L] metadata (global, shard-major region ids), sharded like ``key``.
+      num_regions: ``P·R`` region slots.
+      mesh, axis, batch_axis: as :func:`sharded_gaze_decode`.
+
+    Returns:
+      float32 [batch, P·R, num_kv_heads, head_dim], sharded along the regions over ``axis``;
+      equal to ``routing.region_descriptors(key, kv_meta, num_regions)``. No communication.
+    """
+    num_shards = mesh.shape[axis]
+    if key.shape[1] % num_shards or num_regions % num_shards:
+        raise ValueError(
+            f"cache length {key.shape[1]} and region slots {num_regions} must be multiples of "
+            f"the {num_shards} shards of mesh axis {axis!r}"
+        )
+    local_regions = num_regions // num_shards
+
+    def step(key, kv_meta):
+        first_region = jax.lax.axis_index(axis) * local_regions
+        local = _local_regions(kv_meta, first_region)
+        return routing_lib.region_descriptors(key, local, local_regions)
+
+    split = PartitionSpec(batch_axis, axis)
+    return jax.shard_map(step, mesh=mesh, in_specs=(split, split), out_specs=split)(key, kv_meta)
 
 
 def _global_top_k(query, descriptors, query_meta, table, first_region, *, axis, top_k, routing):

@@ -1,0 +1,54 @@
+"""Checks on a simulated multi-device CPU mesh, run in a subprocess (the device count must be set
+in ``XLA_FLAGS`` before jax is imported), and a walk over traced jaxprs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+
+RESULTS_TAG = "MESH_CHECK_RESULTS "
+
+
+def run_script(path: str, num_devices: int, args: Sequence[str] = ()) -> dict:
+    """Runs the test file ``path`` as a script on ``num_devices`` simulated CPU devices; returns
+    the JSON it printed after :data:`RESULTS_TAG` (fails on a crash, with its stderr)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=root,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    )
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=root,
+    )
+    lines = [x for x in result.stdout.splitlines() if x.startswith(RESULTS_TAG)]
+    assert result.returncode == 0 and lines, result.stderr[-4000:]
+    return json.loads(lines[-1][len(RESULTS_TAG) :])
+
+
+def print_results(results: dict) -> None:
+    """What :func:`run_script` reads back."""
+    print(RESULTS_TAG + json.dumps(results), flush=True)
+
+
+def iter_eqns(jaxpr) -> Iterator:
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its parameters."""
+    import jax
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from iter_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from iter_eqns(sub)
