@@ -133,6 +133,11 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
     """The ``split`` batches of the configured data set, this host's share."""
     synthetic = config.data.name == "synthetic"
     tokenizer = load_tokenizer(None if synthetic else config.data.tokenizer)
+    if tokenizer.get_vocab_size() > model_config.decoder.vocab_size:
+        raise ConfigError(
+            f"config.model.decoder.vocab_size={model_config.decoder.vocab_size} is too small: "
+            f"the tokenizer (with <image> and <video>) has {tokenizer.get_vocab_size()} tokens"
+        )
     if synthetic:
         task_names = list(TASKS)
         buckets = synthetic_buckets(
@@ -285,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if restored is None:
             state = jax.jit(init_state, out_shardings=state_shardings)()
             start = 0
-            if config.init_from.vision or config.init_from.decoder:
+            if any(config.init_from.to_dict().values()):
                 params = init_from_checkpoints(
                     jax.device_get(state.params), config.init_from.to_dict(), model_config
                 )
