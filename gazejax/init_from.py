@@ -18,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
+from gazejax.checkpointing import Checkpointer
 from gazejax.convert import ConversionError, family_for_model, load_hf
 from gazejax.convert.hf import build_model, read_hf_config
 from gazejax.convert.mapping import flatten
@@ -101,6 +103,35 @@ def load_mllm(path: str | os.PathLike, config: MultimodalConfig) -> dict:
     return params
 
 
+def load_workdir_params(workdir: str, abstract_params: Any) -> Any:
+    """The parameters of the latest checkpoint of the training workdir ``workdir`` (e.g. a
+    stage-1 run: projector and context tokens included), restored into the shardings of
+    ``abstract_params``; its optimizer state is not read.
+
+    Raises:
+      ConversionError: naming ``workdir``, when it has no checkpoint or its parameters do not
+        fit ``abstract_params``.
+    """
+    checkpointer = Checkpointer(workdir, every_steps=1, max_to_keep=None)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise ConversionError(f"init_from.workdir={workdir} has no checkpoint")
+        return checkpointer.restore_params(steps[-1], abstract_params)
+    except (ValueError, KeyError) as error:
+        raise ConversionError(
+            f"init_from.workdir={workdir}: its parameters do not fit the model: {error}"
+        ) from error
+    finally:
+        checkpointer.close()
+
+
+def _placed(new, old):
+    """``new`` in ``old``'s dtype, on ``old``'s sharding when ``old`` is a ``jax.Array``."""
+    value = np.asarray(new, dtype=old.dtype)
+    return jax.device_put(value, old.sharding) if isinstance(old, jax.Array) else value
+
+
 def init_from_checkpoints(
     params: dict, init_from: Mapping[str, str], model_config: MultimodalConfig
 ) -> dict:
@@ -138,7 +169,5 @@ def init_from_checkpoints(
                 if want.get(k) != got.get(k)
             )
             raise ConversionError(f"init_from.{source} does not fit the model: {problems}")
-        params[part] = jax.tree.map(
-            lambda new, old: np.asarray(new, dtype=old.dtype), tree, params[part]
-        )
+        params[part] = jax.tree.map(_placed, tree, params[part])
     return params

@@ -8,6 +8,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -140,3 +141,28 @@ def test_a_vocabulary_grown_by_the_tokenizer_starts_new_rows_at_the_mean(tmp_pat
         np.testing.assert_array_equal(np.take(got, range(101), axis), old)
         mean = old.mean(axis, keepdims=True)
         np.testing.assert_array_equal(np.take(got, [101, 102], axis), np.repeat(mean, 2, axis))
+
+
+def test_a_workdirs_parameters_restore_into_the_target_shardings(tmp_path):
+    """init_from.workdir reads the latest step's parameters only (no optimizer state), straight
+    into the requested shardings."""
+    from gazejax.checkpointing import Checkpointer, TrainState
+    from gazejax.init_from import load_workdir_params
+
+    params = {"projector": {"kernel": np.arange(6.0).reshape(2, 3)}, "context_tokens": np.ones(4)}
+    for step in (1, 2):
+        stepped = jax.tree.map(lambda x, s=step: x * s, params)
+        state = TrainState(np.int32(step), stepped, optax.adam(1e-3).init(stepped))
+        checkpointer = Checkpointer(str(tmp_path), every_steps=1, max_to_keep=2)
+        checkpointer.save(step, state, {}, {})
+        checkpointer.close()
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            params)  # fmt: skip
+    restored = load_workdir_params(str(tmp_path), abstract)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+        assert got.sharding == sharding
+        np.testing.assert_array_equal(got, 2 * want)
+    with pytest.raises(ConversionError, match="init_from.workdir=.*no checkpoint"):
+        load_workdir_params(str(tmp_path / "empty"), abstract)
