@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -138,8 +137,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
         self.every_steps = every_steps
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.workdir = as_path(workdir)
+        self.directory = self.workdir / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -171,14 +170,28 @@ class Checkpointer:
         """The state at ``step`` and its data item (``{}`` if it has none); ``abstract_state``
         holds ``jax.ShapeDtypeStruct`` leaves with the target shardings."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if os.path.isdir(os.path.join(self.directory, str(step), "data")):  # absent before
+        if (self.directory / str(step) / "data").is_dir():  # absent before
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored.get("data") or {})
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of ``step``'s state, restored straight into the shardings of
+        ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves): every host reads its shards."""
+        item = {"params": abstract_params}
+        restored = ocp.PyTreeCheckpointer().restore(
+            self.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ),
+        )
+        return restored["params"]
+
     def saved_config(self, step: int) -> dict:
         """The training config stored with ``step`` (read alone, before the state is)."""
-        return ocp.JsonCheckpointHandler().restore(epath.Path(self.directory, str(step), "config"))
+        return ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "config")
 
     def check_config(self, config: Mapping) -> None:
         """Fails fast, before a run builds anything, on what :meth:`restore_latest` will refuse:
@@ -192,7 +205,7 @@ class Checkpointer:
                 saved = self.saved_config(step)
             except Exception:  # unreadable: restore_latest reports it
                 continue
-            check_resume_config(saved, config, os.path.join(self.directory, str(step)))
+            check_resume_config(saved, config, str(self.directory / str(step)))
             return
 
     def restore_latest(self, abstract_state: Any, config: Mapping) -> Restored:
@@ -210,7 +223,7 @@ class Checkpointer:
         """
         failed: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
-            where = os.path.join(self.directory, str(step))
+            where = str(self.directory / str(step))
             try:
                 saved = self.saved_config(step)
             except Exception as error:  # any unreadable checkpoint: try the next
@@ -237,9 +250,9 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             for step in steps:
-                target = _free_path(os.path.join(self.workdir, CORRUPT_DIR), str(step))
-                source = os.path.join(self.directory, str(step))
-                shutil.move(source, target)
+                target = _free_path(self.workdir / CORRUPT_DIR, str(step))
+                source = self.directory / str(step)
+                source.rename(target)
                 logging.warning("moved %s aside to %s", source, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("checkpoints set aside")
@@ -260,33 +273,39 @@ class Checkpointer:
         self.manager.close()
 
 
-def _free_path(directory: str, stem: str, suffix: str = "") -> str:
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``etils.epath.Path`` (what orbax uses): ``gs://bucket/run`` stays a
+    cloud path; a local path is made absolute."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
+def _free_path(directory: epath.Path, stem: str, suffix: str = "") -> epath.Path:
     """``directory/<stem><suffix>``, or ``<stem>.<n><suffix>`` with the smallest free n >= 2."""
-    os.makedirs(directory, exist_ok=True)
-    path, n = os.path.join(directory, stem + suffix), 2
-    while os.path.exists(path):
-        path, n = os.path.join(directory, f"{stem}.{n}{suffix}"), n + 1
+    directory.mkdir(parents=True, exist_ok=True)
+    path, n = directory / (stem + suffix), 2
+    while path.exists():
+        path, n = directory / f"{stem}.{n}{suffix}", n + 1
     return path
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename: readers see the old
-    or the new file, never a part."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` (local or cloud) through a temporary file and a rename:
+    readers see the old or the new file, never a part."""
+    path = as_path(path)
+    temporary = path.parent / f"{path.name}.tmp"
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
-def write_config(workdir: str, text: str, step: int) -> None:
-    """Writes ``WORKDIR/config.json`` (atomically). A different previous one moves to
-    ``WORKDIR/config_history/step<step>.json`` (``step<step>.<n>.json`` if taken): the config
-    that the run resumed from ``step`` replaced."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-        history = _free_path(os.path.join(workdir, HISTORY_DIR), f"step{step}", ".json")
-        shutil.copyfile(path, history)
+def write_config(workdir: str | os.PathLike, text: str, step: int) -> None:
+    """Writes ``WORKDIR/config.json`` (atomically; local or cloud). A different previous one
+    moves to ``WORKDIR/config_history/step<step>.json`` (``step<step>.<n>.json`` if taken): the
+    config that the run resumed from ``step`` replaced."""
+    workdir = as_path(workdir)
+    path = workdir / "config.json"
+    if path.exists():
+        if path.read_text() == text:
+            return
+        path.copy(_free_path(workdir / HISTORY_DIR, f"step{step}", ".json"))
     write_atomically(path, text)

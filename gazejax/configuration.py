@@ -59,7 +59,9 @@ def base_config(stage: int = 2, attention: str = "dense") -> ml_collections.Conf
     config.batch_size = 16
     config.grad_accum_steps = 1
     config.stage = stage
-    config.init_from = ml_collections.ConfigDict({"vision": "", "decoder": ""})
+    config.init_from = ml_collections.ConfigDict(
+        {"vision": "", "decoder": "", "mllm": "", "workdir": ""}
+    )
 
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"
@@ -123,7 +125,7 @@ SCHEMA: dict = {
     "batch_size": int,
     "grad_accum_steps": int,
     "stage": int,
-    "init_from": {"vision": str, "decoder": str},
+    "init_from": {"vision": str, "decoder": str, "mllm": str, "workdir": str},
     "model": {
         "dtype": str,
         "vit": FREE,

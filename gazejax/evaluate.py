@@ -15,7 +15,6 @@ The budget and the methods are defined in :mod:`gazejax.eval.methods`, the scori
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -37,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m gazejax.evaluate",
         description="Sweep methods x KV budgets x benchmarks on a trained workdir.",
     )
-    parser.add_argument("--workdir", required=True, help="a training workdir")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="a training workdir or a Hugging Face LLaVA folder (imported or exported)",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     parser.add_argument(
         "--methods",
@@ -94,11 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
         checkpoint = load_checkpoint(args.workdir, args.step)
-        with open(os.path.join(args.workdir, "config.json")) as f:
-            raw_config = json.load(f)
         results = sweep(
             checkpoint,
-            raw_config,
+            checkpoint.run_config,
             methods,
             args.examples,
             [b.strip() for b in args.benchmarks.split(",") if b.strip()],

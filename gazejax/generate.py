@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         "--workdir",
         required=True,
-        help="training workdir (config.json + checkpoints/); the latest step unless --step",
+        help="training workdir (config.json + checkpoints/; the latest step unless --step) or "
+        "Hugging Face LLaVA folder (imported, or exported by python -m gazejax.convert)",
     )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step to restore")
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable)")

@@ -55,6 +55,15 @@ def group_labels(
     return jax.tree_util.tree_map_with_path(label, params), multipliers
 
 
+def frozen_parameters(
+    params, trainable: Sequence[str], lr_multipliers: Mapping[str, float] | None = None
+):
+    """A tree of bools like ``params``: True where a parameter is frozen (see
+    :func:`group_labels`)."""
+    labels, _ = group_labels(params, trainable, lr_multipliers or {})
+    return jax.tree.map(lambda label: label == FROZEN, labels)
+
+
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_fraction: float = 0.0):
     """Linear warm-up from 0 to ``peak``, then cosine decay to ``peak * end_fraction``."""
     return optax.warmup_cosine_decay_schedule(

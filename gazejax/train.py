@@ -52,7 +52,7 @@ from gazejax.data.template import ConversationError
 from gazejax.data.vocab import load_tokenizer
 from gazejax.gaze.budget import progressive_top_k
 from gazejax.gaze.inputs import MultimodalInputs
-from gazejax.init_from import init_from_checkpoints
+from gazejax.init_from import init_from_checkpoints, load_workdir_params
 from gazejax.losses import answer_exact_match, cross_entropy
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config
@@ -81,15 +81,36 @@ def top_k_at(step: int, config: ml_collections.ConfigDict, num_regions: int) -> 
     )
 
 
-def make_train_step(model: MultimodalModel, tx: optax.GradientTransformation, accum: int):
+def make_train_step(
+    model: MultimodalModel, tx: optax.GradientTransformation, accum: int, frozen=None
+):
     """``step(state, inputs, targets, top_k) -> (state, metrics)`` with gradient accumulation
-    over ``accum`` micro-batches (the batch axis is split in ``accum`` equal parts)."""
+    over ``accum`` micro-batches (the batch axis is split in ``accum`` equal parts).
 
-    def loss_fn(params, inputs, targets, top_k):
-        logits = model.apply({"params": params}, inputs, top_k=top_k)
+    ``frozen`` (a tree of bools like the parameters, :func:`optim.frozen_parameters`; None: all
+    train) marks parameters that get no gradient: the loss is differentiated with respect to
+    the trainable ones only (a frozen ViT under a trainable projector runs no backward pass),
+    and ``grad_norm`` is the trainable gradients' norm. The optimizer sees zeros for the rest.
+    """
+
+    def split(params):
+        """``(trainable, frozen)``: ``params`` with the other kind's leaves None."""
+        if frozen is None:
+            return params, jax.tree.map(lambda _: None, params)
+        pick = lambda keep: jax.tree.map(lambda p, f: p if f == keep else None, params, frozen)  # noqa: E731
+        return pick(False), pick(True)
+
+    def merge(trainable, fixed):
+        return jax.tree.map(
+            lambda t, f: f if t is None else t, trainable, fixed, is_leaf=lambda x: x is None
+        )
+
+    def loss_fn(trainable, fixed, inputs, targets, top_k):
+        logits = model.apply({"params": merge(trainable, fixed)}, inputs, top_k=top_k)
         return cross_entropy(logits, targets)
 
     def step(state: TrainState, inputs: MultimodalInputs, targets, top_k):
+        trainable, fixed = split(state.params)
         grad_fn = jax.grad(loss_fn, has_aux=True)
 
         def micro(batch):
@@ -98,21 +119,23 @@ def make_train_step(model: MultimodalModel, tx: optax.GradientTransformation, ac
         def accumulate(carry, mb):
             grads, sums = carry
             (mb_inputs, mb_targets) = mb
-            g, s = grad_fn(state.params, mb_inputs, mb_targets, top_k)
+            g, s = grad_fn(trainable, fixed, mb_inputs, mb_targets, top_k)
             # Weight each micro-batch's mean-loss gradient by its token count.
             g = jax.tree.map(lambda a, b: a + b * s["tokens"], grads, g)
             return (g, jax.tree.map(jnp.add, sums, s)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
         sums0 = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micro((inputs, targets)))
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+        grad_norm = optax.tree.norm(grads)
+        grads = merge(grads, jax.tree.map(jnp.zeros_like, fixed))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0),
             "token_accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "tokens": jnp.sum(inputs.meta.valid),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -133,6 +156,11 @@ def build_data(config, model_config: MultimodalConfig, split: str, batch_size: i
     """The ``split`` batches of the configured data set, this host's share."""
     synthetic = config.data.name == "synthetic"
     tokenizer = load_tokenizer(None if synthetic else config.data.tokenizer)
+    if tokenizer.get_vocab_size() > model_config.decoder.vocab_size:
+        raise ConfigError(
+            f"config.model.decoder.vocab_size={model_config.decoder.vocab_size} is too small: "
+            f"the tokenizer (with <image> and <video>) has {tokenizer.get_vocab_size()} tokens"
+        )
     if synthetic:
         task_names = list(TASKS)
         buckets = synthetic_buckets(
@@ -275,20 +303,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
         # Resume (the config checked against the checkpoint's) or initialise; only then write.
         restored = None
+        abstract_state = jax.tree.map(  # shapes and target shardings
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            jax.eval_shape(init_state),
+            state_shardings,
+        )
         if checkpointer.all_steps():
-            abstract_state = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                jax.eval_shape(init_state),
-                state_shardings,
-            )
             restored = checkpointer.restore_latest(abstract_state, config.to_dict())
         if restored is None:
             state = jax.jit(init_state, out_shardings=state_shardings)()
             start = 0
-            if config.init_from.vision or config.init_from.decoder:
-                params = init_from_checkpoints(
-                    jax.device_get(state.params), config.init_from.to_dict(), model_config
-                )
+            init_from = config.init_from.to_dict()
+            if any(init_from.values()):
+                params = state.params
+                if init_from["workdir"]:  # e.g. stage 2 from stage 1; fresh optimizer state
+                    params = load_workdir_params(init_from["workdir"], abstract_state.params)
+                # Sharded parameters in, sharded out: no device_get (fails across hosts).
+                params = init_from_checkpoints(params, init_from, model_config)
                 state = jax.jit(
                     lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                     out_shardings=state_shardings,
@@ -304,7 +335,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     print(f"config changed on resume: {change}", flush=True)
 
         train_step = jax.jit(
-            make_train_step(model, tx, config.grad_accum_steps),
+            make_train_step(
+                model,
+                tx,
+                config.grad_accum_steps,
+                optim.frozen_parameters(
+                    abstract_params, config.optim.trainable, dict(config.optim.lr_multipliers)
+                ),
+            ),
             static_argnums=(3,),
             donate_argnums=(0,),
             out_shardings=(state_shardings, replicated),

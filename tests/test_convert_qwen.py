@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from gazejax.convert import ConversionError, load_hf, save_hf
 from gazejax.inference.decode import generate_token_ids
-from tests.hf_reference import save_qwen
+from tests.hf_reference import perturb_biases, save_qwen
 from tests.tolerances import assert_close_accumulated
 
 # (model_type, tied embeddings, num_kv_heads with 4 query heads -> GQA ratio 1, 2, 4)
@@ -30,14 +30,6 @@ CASES = [
 ]
 
 
-def _perturb_biases(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
-
-
 def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()
@@ -49,7 +41,7 @@ def test_logits_match_transformers(tmp_path, model_type, tied, kv_heads):
         tmp_path, model_type, seed=kv_heads, tie_word_embeddings=tied, num_key_value_heads=kv_heads
     )
     if model_type == "qwen2":  # HF initialises biases to zero; make them count
-        _perturb_biases(hf, seed=1)
+        perturb_biases(hf, seed=1)
         hf.save_pretrained(tmp_path)
     model, params = load_hf(tmp_path)
     assert model.config.num_kv_heads == kv_heads and model.config.tie_embeddings == tied

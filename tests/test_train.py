@@ -219,16 +219,15 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(reference, tmp_p
     assert (tmp_path / "checkpoints" / "8").is_dir()
 
 
-def test_gradient_accumulation_matches_one_batch():
+def _tiny_step_setup(tx):
+    """(model, state, inputs, targets) of test_mllm's tiny model on 4 packed samples."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import optax
 
     from gazejax.checkpointing import TrainState
     from gazejax.data.packing import Text, Visual, pack_batch
     from gazejax.models.mllm import MultimodalModel
-    from gazejax.train import make_train_step
     from tests.test_mllm import VOCAB, _config
 
     config = _config()
@@ -244,13 +243,90 @@ def test_gradient_accumulation_matches_one_batch():
     inputs, targets = pack_batch(samples, config.geometry, length=40, max_units=1, num_regions=4)
     model = MultimodalModel(config)
     params = nn.unbox(model.init(jax.random.key(0), inputs))["params"]
-    tx = optax.sgd(1.0)  # the update is the gradient (Adam would amplify float noise)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return model, state, inputs, targets
+
+
+def test_gradient_accumulation_matches_one_batch():
+    import jax
+    import optax
+
+    from gazejax.train import make_train_step
+
+    tx = optax.sgd(1.0)  # the update is the gradient (Adam would amplify float noise)
+    model, state, inputs, targets = _tiny_step_setup(tx)
     one, m1 = jax.jit(make_train_step(model, tx, 1), static_argnums=3)(state, inputs, targets, None)
     two, m2 = jax.jit(make_train_step(model, tx, 2), static_argnums=3)(state, inputs, targets, None)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, two.params)
+
+
+STAGE1 = ("projector/.*", "context_tokens")
+
+
+def test_stage1_runs_no_backward_pass_through_the_frozen_vit():
+    """Stage 1 differentiates the trainable parameters only: its step's one convolution is the
+    patch embedding's forward (differentiating everything adds the convolution's transposes).
+    Traced on abstract values: nothing runs or compiles."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from gazejax.checkpointing import TrainState
+    from gazejax.data.packing import Text, Visual, pack_batch
+    from gazejax.models.mllm import MultimodalModel
+    from gazejax.optim import frozen_parameters, make_optimizer
+    from gazejax.train import make_train_step
+    from tests.test_mllm import _config
+
+    config = _config()
+    image = Visual(np.zeros((1, 16, 16, 3), np.float32))
+    samples = [[Text(np.ones(3, int)), image, Text(np.ones(2, int), targets=np.ones(2, int))]]
+    inputs, targets = pack_batch(samples, config.geometry, length=40, max_units=1, num_regions=4)
+    model = MultimodalModel(config)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs))["params"]
+    tx, _ = make_optimizer(params, learning_rate=1.0, total_steps=1, trainable=STAGE1)
+    state = TrainState(jnp.zeros((), jnp.int32), params, jax.eval_shape(tx.init, params))
+
+    def convolutions(frozen):
+        step = make_train_step(model, tx, 1, frozen)
+        jaxpr = jax.make_jaxpr(step, static_argnums=3)(state, inputs, targets, None)
+        return str(jaxpr).count("conv_general_dilated")
+
+    assert convolutions(frozen_parameters(params, STAGE1)) == 1 < convolutions(None)
+
+
+@pytest.mark.slow
+def test_stage1_grad_norm_counts_trainable_parameters_only():
+    """grad_norm over the projector and context tokens only; the update equals differentiating
+    everything and dropping the frozen gradients."""
+    import jax
+    import optax
+
+    from gazejax.losses import cross_entropy
+    from gazejax.optim import frozen_parameters, make_optimizer
+    from gazejax.optim import path_name as name
+    from gazejax.train import make_train_step
+
+    model, state, inputs, targets = _tiny_step_setup(optax.sgd(1.0))
+    tx, _ = make_optimizer(state.params, learning_rate=1.0, total_steps=1, trainable=STAGE1)
+    state = state.replace(opt_state=tx.init(state.params))
+    step = make_train_step(model, tx, 1, frozen_parameters(state.params, STAGE1))
+    new, metrics = jax.jit(step, static_argnums=3)(state, inputs, targets, None)
+
+    def loss(params):
+        return cross_entropy(model.apply({"params": params}, inputs), targets)[0]
+
+    grads = jax.jit(jax.grad(loss))(state.params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    kept = [g for path, g in flat if not name(path).startswith(("vision", "decoder"))]
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(kept), rtol=1e-5)
+    assert float(optax.tree.norm(grads)) > 1.01 * float(metrics["grad_norm"])
+    old_params = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(new.params)[0]:
+        unchanged = np.array_equal(value, old_params[path])
+        assert unchanged == name(path).startswith(("vision", "decoder"))
 
 
 @pytest.mark.slow
@@ -421,3 +497,25 @@ def test_synthetic_default_reaches_the_readme_target(tmp_path):
     assert final["accuracy"] >= TARGET_EXACT_MATCH, final
     assert final["accuracy/color"] >= TARGET_SINGLE_REGION, final
     assert final["accuracy/shape"] >= TARGET_SINGLE_REGION, final
+
+
+@pytest.mark.slow
+def test_stage2_starts_from_a_stage1_workdir(tmp_path):
+    """init_from.workdir: stage 2 starts from stage 1's final parameters (projector and context
+    tokens included) with a fresh optimizer; at learning rate 0 it keeps them bit for bit."""
+    import jax
+
+    from gazejax.inference.checkpoints import load_checkpoint
+    from gazejax.train import train
+
+    stage1 = get_config("runlocal,stage=1,attention=gaze")
+    stage1.total_steps = 2
+    train(stage1, str(tmp_path / "stage1"))
+    stage2 = get_config("runlocal,stage=2,attention=gaze")
+    stage2.total_steps = 1
+    stage2.optim.learning_rate = 0.0
+    stage2.init_from.workdir = str(tmp_path / "stage1")
+    train(stage2, str(tmp_path / "stage2"))
+    want = load_checkpoint(tmp_path / "stage1").params
+    got = load_checkpoint(tmp_path / "stage2").params
+    jax.tree.map(np.testing.assert_array_equal, got, want)

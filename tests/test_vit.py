@@ -69,6 +69,8 @@ def test_variants():
         vit_config("Q/16")
     with pytest.raises(ValueError, match="output"):
         vit_config("mu/4", output="first")
+    with pytest.raises(ValueError, match=r"block count in \[0, 2\]"):
+        vit_config("mu/4", output=3)
     with pytest.raises(ValueError, match="pool"):
         vit_config("mu/4", pool="gap")
 
@@ -144,12 +146,17 @@ def test_scan_remat_gradients_match_loop(params, pixels):
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_penultimate_is_second_to_last_block_without_norm(params, pixels, scan):
+@pytest.mark.parametrize(
+    "output,scan", [("penultimate", False), ("penultimate", True), (0, True), (2, False)]
+)
+def test_an_output_block_count_is_that_blocks_output_without_norm(params, pixels, scan, output):
+    """``"penultimate"`` is block ``depth - 2``'s output; an int ``n`` is HF's
+    ``hidden_states[n]``: the embedding for 0, block ``n - 1``'s output otherwise."""
     _, inter = run(CONFIG, params, pixels)
-    config = dataclasses.replace(CONFIG, output="penultimate", scan=scan)
+    hidden_states = [inter["embedded"][0], inter["layers_0"]["out"][0], inter["layers_1"]["out"][0]]
+    config = dataclasses.replace(CONFIG, output=output, scan=scan)
     got, _ = run(config, stack_layers(params, CONFIG.depth) if scan else params, pixels)
-    np.testing.assert_allclose(got, inter["layers_0"]["out"][0], atol=1e-5)
+    np.testing.assert_allclose(got, hidden_states[config.output_blocks], atol=1e-5)
 
 
 def test_bfloat16_compute(params, pixels):

@@ -2,6 +2,7 @@
 
     python -m gazejax.convert hf-to-gazejax --input HF_DIR --output GAZEJAX_DIR
     python -m gazejax.convert gazejax-to-hf --input GAZEJAX_DIR --output HF_DIR [--dtype bfloat16]
+    python -m gazejax.convert workdir-to-hf --input WORKDIR [--step N] --output HF_DIR
     python -m gazejax.convert npz-to-gazejax --input vit.npz --variant So400m/16 --image-size 384 \
         --output GAZEJAX_DIR
 
@@ -17,17 +18,31 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gazejax.convert.hf import load_hf, save_hf
-from gazejax.convert.native import load_gazejax, save_gazejax
+from gazejax.convert.hf import carried_config, load_hf, read_hf_config, save_hf
+from gazejax.convert.native import load_gazejax, read_model_config, save_gazejax
 
 
 def _hf_to_gazejax(args: argparse.Namespace) -> None:
-    save_gazejax(*load_hf(args.input), args.output)
+    model, params = load_hf(args.input)
+    save_gazejax(model, params, args.output, config=carried_config(read_hf_config(args.input)))
 
 
 def _gazejax_to_hf(args: argparse.Namespace) -> None:
     model, params = load_gazejax(args.input)
-    save_hf(model, params, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
+    save_hf(
+        model,
+        params,
+        args.output,
+        dtype=args.dtype,
+        max_shard_bytes=args.max_shard_bytes,
+        config=carried_config(read_model_config(args.input)),
+    )
+
+
+def _workdir_to_hf(args: argparse.Namespace) -> None:
+    from gazejax.inference.checkpoints import export_checkpoint, load_checkpoint
+
+    export_checkpoint(load_checkpoint(args.input, args.step), args.output, dtype=args.dtype)
 
 
 def _npz_to_gazejax(args: argparse.Namespace) -> None:
@@ -48,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hf_in = commands.add_parser(
         "hf-to-gazejax",
-        help="local HF folder (qwen3, qwen2, siglip, siglip_vision_model) -> gazejax folder",
+        help="local HF folder (qwen3, qwen2, siglip, siglip_vision_model, llava) -> gazejax folder",
     )
     hf_in.set_defaults(run=_hf_to_gazejax)
 
@@ -61,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="split into several safetensors files with an index",
     )
     hf_out.set_defaults(run=_gazejax_to_hf)
+
+    workdir_out = commands.add_parser(
+        "workdir-to-hf",
+        help="training workdir -> HF LlavaForConditionalGeneration folder + gaze side files "
+        "(gazejax.json, gazejax.safetensors), which generate / evaluate / lmms-eval also read",
+    )
+    workdir_out.add_argument("--step", type=int, default=None, help="default: the latest")
+    workdir_out.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    workdir_out.set_defaults(run=_workdir_to_hf)
 
     npz_in = commands.add_parser(
         "npz-to-gazejax", help="big_vision ViT .npz (plain or SigLIP two-tower) -> gazejax folder"
@@ -75,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     npz_in.set_defaults(run=_npz_to_gazejax)
 
-    for command in (hf_in, hf_out, npz_in):
+    for command in (hf_in, hf_out, workdir_out, npz_in):
         command.add_argument("--input", required=True)
         command.add_argument("--output", required=True)
         command.add_argument(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 
-from gazejax.convert.mapping import Rule
+from gazejax.convert.mapping import Rule, identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,10 @@ class Family:
         (e.g. the text tower of a two-tower SigLIP), or ``None``.
       example_inputs: module -> abstract positional inputs for ``jax.eval_shape(module.init, ...)``.
       hf_config: module -> the ``config.json`` dict that ``transformers`` loads.
+      rename: a stored checkpoint key -> the key the rules use (one spelling of keys that
+        different writers prefix differently).
+      carried: ``config.json`` entries the module does not hold but its ``config.json`` needs
+        (a multimodal model's ``image_token_index``): copied through HF -> gazejax -> HF.
     """
 
     name: str
@@ -36,3 +40,5 @@ class Family:
     ignore: Callable[[dict], str | None]
     example_inputs: Callable[[nn.Module], tuple[jax.ShapeDtypeStruct, ...]]
     hf_config: Callable[[nn.Module], dict]
+    rename: Callable[[str], str] = identity
+    carried: tuple[str, ...] = ()

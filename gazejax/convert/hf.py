@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from gazejax.convert import qwen, siglip
+from gazejax.convert import llava, qwen, siglip
 from gazejax.convert.family import Family
 from gazejax.convert.mapping import (
     ConversionError,
@@ -22,7 +22,7 @@ from gazejax.convert.mapping import (
     read_json,
 )
 
-FAMILIES: tuple[Family, ...] = (qwen.FAMILY, siglip.FAMILY)
+FAMILIES: tuple[Family, ...] = (qwen.FAMILY, siglip.FAMILY, llava.FAMILY)
 
 
 def family_for_model_type(model_type: str) -> Family:
@@ -53,6 +53,12 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConversionError(f"{config_path} has no 'model_type'")
     return config
+
+
+def carried_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``hf_config`` its family carries through conversions (``Family.carried``)."""
+    family = family_for_model_type(hf_config["model_type"])
+    return {key: hf_config[key] for key in family.carried if key in hf_config}
 
 
 def build_model(hf_config: dict[str, Any], source: str) -> tuple[nn.Module, Family]:
@@ -98,7 +104,7 @@ def load_hf(path: str | os.PathLike, **overrides) -> tuple[nn.Module, dict]:
         model = model.clone(config=dataclasses.replace(model.config, **overrides))
     params = load_params(
         family.rules(model, hf_config),
-        TensorSource(path),
+        TensorSource(path, family.rename),
         abstract_params(model, family),
         ignore=family.ignore(hf_config),
     )
@@ -111,6 +117,7 @@ def save_hf(
     path: str | os.PathLike,
     dtype: str = "float32",
     max_shard_bytes: int | None = None,
+    config: dict | None = None,
 ) -> None:
     """Writes ``config.json`` and safetensors that ``transformers`` loads.
 
@@ -120,11 +127,19 @@ def save_hf(
       dtype: tensor dtype on disk, ``"float32"`` or ``"bfloat16"``.
       max_shard_bytes: if set, split the tensors into several files of at most this size and
         write ``model.safetensors.index.json``.
+      config: entries added to ``config.json``, e.g. a multimodal model's
+        ``{"image_token_index": i}`` (which the module does not know).
+
+    Raises:
+      ConversionError: a model its family cannot express, or a ``config.json`` entry that
+        must be given in ``config`` and is not.
     """
     family = family_for_model(model)
     np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    hf_config = family.hf_config(model)
-    hf_config["dtype"] = dtype
+    hf_config = {**family.hf_config(model), **(config or {}), "dtype": dtype}
+    missing = sorted(k for k, v in hf_config.items() if v is None)
+    if missing:
+        raise ConversionError(f"config.json needs {missing}: pass save_hf(..., config={{...}})")
     tensors = export_tensors(family.rules(model, hf_config), params, np_dtype)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -94,10 +94,12 @@ class TensorSource:
     """Lazy, per-tensor reader of a folder of safetensors files.
 
     Handles a single ``model.safetensors`` and the sharded form with
-    ``model.safetensors.index.json``. Tensors are read one at a time, on request.
+    ``model.safetensors.index.json``. Tensors are read one at a time, on request. ``rename``
+    maps each stored key to the key the rules ask for (writers of one architecture differ in
+    their prefixes); :meth:`keys` and :meth:`get` speak the renamed keys.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, rename: Callable[[str], str] = identity):
         self.folder = os.fspath(folder)
         index_path = os.path.join(self.folder, "model.safetensors.index.json")
         single_path = os.path.join(self.folder, "model.safetensors")
@@ -105,23 +107,27 @@ class TensorSource:
             weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{index_path} has no 'weight_map' object")
-            self._file_of = {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
+            stored = {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
         elif os.path.exists(single_path):
             with open_safetensors(single_path) as f:
-                self._file_of = dict.fromkeys(f.keys(), single_path)  # noqa: SIM118
+                stored = dict.fromkeys(f.keys(), single_path)  # noqa: SIM118
         else:
             raise FileNotFoundError(
                 f"no model.safetensors or model.safetensors.index.json in {self.folder}"
             )
+        self._stored = {rename(k): (file, k) for k, file in stored.items()}
+        if len(self._stored) != len(stored):
+            raise ConversionError(f"checkpoint {self.folder} stores a tensor twice under two names")
 
     def keys(self) -> set[str]:
-        return set(self._file_of)
+        return set(self._stored)
 
     def get(self, key: str) -> Array:
-        if key not in self._file_of:
+        if key not in self._stored:
             raise ConversionError(f"checkpoint {self.folder} has no tensor {key!r}")
-        with open_safetensors(self._file_of[key]) as f:
-            return f.get_tensor(key)
+        file, stored_key = self._stored[key]
+        with open_safetensors(file) as f:
+            return f.get_tensor(stored_key)
 
 
 def flatten(tree: Mapping) -> dict[tuple[str, ...], object]:

@@ -18,8 +18,11 @@ from gazejax.convert.hf import abstract_params, build_model, family_for_model
 from gazejax.convert.mapping import ConversionError, read_json
 
 
-def save_gazejax(model: nn.Module, params: dict, path: str | os.PathLike) -> None:
-    """Writes ``path/model.json`` and ``path/params`` (orbax)."""
+def save_gazejax(
+    model: nn.Module, params: dict, path: str | os.PathLike, config: dict | None = None
+) -> None:
+    """Writes ``path/model.json`` and ``path/params`` (orbax); ``config``: entries added to the
+    stored config (see :func:`~gazejax.convert.hf.carried_config`)."""
     path = os.path.abspath(os.fspath(path))
     family = family_for_model(model)
     os.makedirs(path, exist_ok=True)
@@ -27,7 +30,22 @@ def save_gazejax(model: nn.Module, params: dict, path: str | os.PathLike) -> Non
     checkpointer.save(os.path.join(path, "params"), jax.tree.map(jax.numpy.asarray, params))
     checkpointer.wait_until_finished()
     with open(os.path.join(path, "model.json"), "w") as f:
-        json.dump({"family": family.name, "config": family.hf_config(model)}, f, indent=2)
+        stored = {**family.hf_config(model), **(config or {})}
+        json.dump({"family": family.name, "config": stored}, f, indent=2)
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    """The Hugging Face style config stored in ``path/model.json``.
+
+    Raises:
+      FileNotFoundError: no ``model.json``.
+      ConversionError: a ``model.json`` that is not JSON or has no config object (naming it).
+    """
+    meta_path = os.path.join(os.path.abspath(os.fspath(path)), "model.json")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ConversionError(f"{meta_path} has no 'config' object")
+    return meta["config"]
 
 
 def load_gazejax(path: str | os.PathLike) -> tuple[nn.Module, dict]:
@@ -38,11 +56,7 @@ def load_gazejax(path: str | os.PathLike) -> tuple[nn.Module, dict]:
       ConversionError: a ``model.json`` that is not JSON or lacks a config key (naming it).
     """
     path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, "model.json")
-    meta = read_json(meta_path)
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise ConversionError(f"{meta_path} has no 'config' object")
-    model, family = build_model(meta["config"], meta_path)
+    model, family = build_model(read_model_config(path), os.path.join(path, "model.json"))
     abstract = abstract_params(model, family)
     params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
     return model, params

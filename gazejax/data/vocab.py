@@ -87,9 +87,22 @@ def save(directory: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
+VISUAL_PLACEHOLDERS = (IMAGE_TOKEN, VIDEO_TOKEN)
+
+
+def add_visual_placeholders(tokenizer: Tokenizer) -> list[str]:
+    """Adds ``<image>`` and ``<video>`` as special tokens where ``tokenizer`` lacks them (a stock
+    Qwen ``tokenizer.json``); returns those added. New ids follow the existing ones
+    (``get_vocab_size()`` before, in this order), so every load adds them at the same ids."""
+    missing = [token for token in VISUAL_PLACEHOLDERS if tokenizer.token_to_id(token) is None]
+    tokenizer.add_special_tokens(missing)
+    return missing
+
+
 def load_tokenizer(path: str | None) -> Tokenizer:
-    """The tokenizer of a data config: ``path``'s ``tokenizer.json`` (Hugging Face format), or
-    the built-in one (:func:`build_tokenizer`, the synthetic set's) when ``path`` is None.
+    """The tokenizer of a data config: ``path``'s ``tokenizer.json`` (Hugging Face format) with
+    ``<image>`` / ``<video>`` added where missing (:func:`add_visual_placeholders`), or the
+    built-in one (:func:`build_tokenizer`, the synthetic set's) when ``path`` is None.
 
     Raises:
       DataError: naming ``path`` when it does not load.
@@ -99,6 +112,8 @@ def load_tokenizer(path: str | None) -> Tokenizer:
     if path is None:
         return build_tokenizer()
     try:
-        return Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path)
     except Exception as error:  # tokenizers raises a bare Exception
         raise DataError(f"cannot load the tokenizer: {error}", path, kind="file") from error
+    add_visual_placeholders(tokenizer)
+    return tokenizer

@@ -1,4 +1,22 @@
-"""Restoring a training workdir for inference: its model config, parameters and tokenizer."""
+"""Checkpoints for inference: a training workdir, or a Hugging Face LLaVA folder (imported, or
+exported from a workdir by :func:`export_checkpoint`), restored as config, parameters and
+tokenizer.
+
+An exported folder is what ``transformers`` loads as ``LlavaForConditionalGeneration`` (dense
+attention: ``config.json``, ``model.safetensors``, ``tokenizer.json``) plus the gaze parts in
+side files that transformers ignores:
+
+- ``gazejax.json``: ``{"format": "gazejax-export/1", "step": int, "config": {...}}``, the
+  training config (a workdir's ``config.json``: its ``model`` section holds the gaze config,
+  ``model.attention``, ``model.gaze.*``, ``model.num_context_tokens``, ``model.region_size``;
+  its ``data`` section the system prompt and frame count);
+- ``gazejax.safetensors``: ``context_tokens`` float32 ``[num_context_tokens, hidden]`` (absent
+  when the model has none).
+
+Loading such a folder rebuilds the training model from ``gazejax.json`` (the HF config must
+describe the same architecture) and restores every parameter bit for bit. A folder without
+``gazejax.json`` (an imported LLaVA checkpoint) is a dense model without context tokens.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +26,21 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tokenizers
+from safetensors.numpy import load_file, save_file
 
 from gazejax.checkpointing import Checkpointer
+from gazejax.convert import ConversionError, load_hf, save_hf
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
-from gazejax.data.vocab import load_tokenizer
+from gazejax.data.vocab import IMAGE_TOKEN, load_tokenizer
+from gazejax.init_from import load_mllm
 from gazejax.models.from_config import multimodal_config
-from gazejax.models.mllm import MultimodalConfig
+from gazejax.models.mllm import MultimodalConfig, MultimodalModel
+
+EXPORT_FORMAT = "gazejax-export/1"
+SIDE_CONFIG = "gazejax.json"
+SIDE_TENSORS = "gazejax.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +54,8 @@ class Checkpoint:
       system_prompt: the training system prompt.
       max_frames: frames sampled from a video (the training data's setting).
       step: the restored training step.
+      run_config: the training config (a workdir's ``config.json``); empty for an imported
+        Hugging Face folder.
     """
 
     config: MultimodalConfig
@@ -36,27 +64,36 @@ class Checkpoint:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_frames: int = 8
     step: int | None = None
+    run_config: dict = dataclasses.field(default_factory=dict)
 
 
-def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Checkpoint:
-    """Restores the parameters of a training workdir (``config.json`` + ``checkpoints/``).
+def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """Restores a training workdir (``config.json`` + ``checkpoints/``) or a Hugging Face LLaVA
+    folder (``config.json`` with ``model_type`` ``llava``; see the module doc).
 
     Args:
-      workdir: the directory given to ``python -m gazejax.train --workdir``.
-      step: the checkpoint step; default the latest.
+      path: the directory given to ``python -m gazejax.train --workdir``, or an HF folder.
+      step: the workdir's checkpoint step; default the latest. An HF folder holds one step.
 
     Raises:
-      FileNotFoundError: no ``config.json`` or no checkpoint (naming the path).
+      FileNotFoundError: no ``config.json``, no checkpoint or no tokenizer (naming the path).
+      ConversionError: an HF folder that does not load (naming the file or tensor).
     """
-    workdir = os.path.abspath(os.fspath(workdir))
-    config_path = os.path.join(workdir, "config.json")
+    path = os.path.abspath(os.fspath(path))
+    config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: no config.json (not a training workdir?)")
+        raise FileNotFoundError(
+            f"{config_path}: no config.json (not a training workdir or Hugging Face folder?)"
+        )
     with open(config_path) as f:
         config = json.load(f)
-    directory = os.path.join(workdir, "checkpoints")
+    if "model_type" in config:
+        if step is not None:
+            raise ValueError(f"{path} is a Hugging Face folder of one step: drop the step")
+        return _load_hf_folder(path)
+    directory = os.path.join(path, "checkpoints")
     checkpointer = (
-        Checkpointer(workdir, every_steps=1, max_to_keep=1) if os.path.isdir(directory) else None
+        Checkpointer(path, every_steps=1, max_to_keep=1) if os.path.isdir(directory) else None
     )
     steps = checkpointer.all_steps() if checkpointer else []
     if step is None and steps:
@@ -69,18 +106,89 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Chec
     params = jax.tree.map(jnp.asarray, state["params"])
     data = config.get("data", {})
     synthetic = data.get("name", "synthetic") == "synthetic"
-    if synthetic:
+    return _checkpoint(
+        multimodal_config(config["model"]),
+        params,
+        load_tokenizer(None if synthetic else data["tokenizer"]),
+        config,
+        step,
+    )
+
+
+def _checkpoint(
+    config: MultimodalConfig,
+    params: dict,
+    tokenizer: tokenizers.Tokenizer,
+    run_config: dict,
+    step: int | None,
+) -> Checkpoint:
+    """A :class:`Checkpoint`, with the system prompt and frame count of ``run_config``."""
+    data = run_config.get("data", {})
+    if data.get("name", "synthetic") == "synthetic":
         max_frames = data.get("synthetic", {}).get("video_frames", 8)
     else:
         max_frames = data.get("jsonl", {}).get("max_frames", 8)
     return Checkpoint(
-        config=multimodal_config(config["model"]),
+        config=config,
         params=params,
-        tokenizer=load_tokenizer(None if synthetic else data["tokenizer"]),
+        tokenizer=tokenizer,
         system_prompt=data.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
         max_frames=int(max_frames),
         step=step,
+        run_config=run_config,
     )
+
+
+def _load_hf_folder(path: str) -> Checkpoint:
+    """A Hugging Face LLaVA folder, with the gaze parts of its side files when present."""
+    tokenizer_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{tokenizer_path} does not exist (a tokenizer is needed)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    side_path = os.path.join(path, SIDE_CONFIG)
+    if not os.path.isfile(side_path):
+        model, params = load_hf(path)
+        return _checkpoint(model.config, jax.tree.map(jnp.asarray, params), tokenizer, {}, None)
+    with open(side_path) as f:
+        side = json.load(f)
+    if side.get("format") != EXPORT_FORMAT:
+        raise ConversionError(f"{side_path}: format {side.get('format')!r} is not {EXPORT_FORMAT}")
+    config = multimodal_config(side["config"]["model"])
+    params = load_mllm(path, config)
+    if config.num_context_tokens:
+        tensors = load_file(os.path.join(path, SIDE_TENSORS))
+        params["context_tokens"] = tensors["context_tokens"]
+    params = jax.tree.map(jnp.asarray, params)
+    return _checkpoint(config, params, tokenizer, side["config"], side.get("step"))
+
+
+def export_checkpoint(
+    checkpoint: Checkpoint, path: str | os.PathLike, dtype: str = "float32"
+) -> None:
+    """Writes ``checkpoint`` as a Hugging Face LLaVA folder with gaze side files (module doc).
+
+    ``dtype="float32"`` keeps every parameter bit for bit.
+
+    Raises:
+      ConversionError: a model ``LlavaForConditionalGeneration`` cannot express (token
+        compression, a ViT output after its final norm), or a tokenizer without ``<image>``.
+    """
+    path = os.fspath(path)
+    image_token = checkpoint.tokenizer.token_to_id(IMAGE_TOKEN)
+    if image_token is None:
+        raise ConversionError(f"the checkpoint's tokenizer has no {IMAGE_TOKEN!r} token")
+    dense = MultimodalModel(dataclasses.replace(checkpoint.config, num_context_tokens=0))
+    params = {k: v for k, v in checkpoint.params.items() if k != "context_tokens"}
+    save_hf(dense, params, path, dtype=dtype, config={"image_token_index": image_token})
+    checkpoint.tokenizer.save(os.path.join(path, "tokenizer.json"))
+    if checkpoint.config.num_context_tokens:
+        context = np.asarray(checkpoint.params["context_tokens"])
+        save_file({"context_tokens": context}, os.path.join(path, SIDE_TENSORS))
+    if not checkpoint.run_config:  # an imported model: config.json says it all
+        return
+    side = {"format": EXPORT_FORMAT, "step": checkpoint.step, "config": checkpoint.run_config}
+    with open(os.path.join(path, SIDE_CONFIG), "w") as f:
+        json.dump(side, f, indent=2, sort_keys=True)
 
 
 def with_attention(config: MultimodalConfig, attention: str) -> MultimodalConfig:

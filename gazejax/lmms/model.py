@@ -1,7 +1,8 @@
 """The lmms-eval model ``gazejax``: a training workdir's checkpoint behind lmms-eval's API.
 
 ``--model_args`` (all optional but ``workdir``):
-  workdir: the directory given to ``python -m gazejax.train --workdir``.
+  workdir: the directory given to ``python -m gazejax.train --workdir``, or a Hugging Face
+    LLaVA folder (imported, or exported by ``python -m gazejax.convert workdir-to-hf``).
   step: the checkpoint step (default: the latest).
   attention: ``dense`` or ``gaze`` (default: the checkpoint's); the same weights either way.
   top_k / budget: gaze only, at most one: K >= 1 regions per query head, or the fraction of

@@ -66,7 +66,9 @@ class ViTConfig:
       scan: run the blocks with ``nn.scan`` (parameters stacked on a leading ``layers`` axis).
       remat: rematerialise each block in the backward pass.
       output: ``"last"``: the final-LayerNorm output; ``"penultimate"``: the output of block
-        ``depth - 2`` without the final LayerNorm (Cambrian's projector input).
+        ``depth - 2`` without the final LayerNorm (Cambrian's projector input); an int ``n`` in
+        ``[0, depth]``: the output of the first ``n`` blocks without the final LayerNorm (Hugging
+        Face's ``hidden_states[n]``; 0 is the embedding, ``depth - 1`` is ``"penultimate"``).
       pool: ``"none"`` or ``"map"`` (SigLIP attention pooling head; its output is sown as
         ``intermediates/pooled``, never returned).
     """
@@ -82,18 +84,29 @@ class ViTConfig:
     param_dtype: DType = "float32"
     scan: bool = False
     remat: bool = False
-    output: str = "last"
+    output: str | int = "last"
     pool: str = "none"
 
     def __post_init__(self):
-        if self.output not in ("last", "penultimate"):
-            raise ValueError(f"output must be 'last' or 'penultimate', got {self.output!r}")
+        valid_int = isinstance(self.output, int) and 0 <= self.output <= self.depth
+        if not valid_int and self.output not in ("last", "penultimate"):
+            raise ValueError(
+                f"output must be 'last', 'penultimate' or a block count in [0, {self.depth}], "
+                f"got {self.output!r}"
+            )
         if self.pool not in ("none", "map"):
             raise ValueError(f"pool must be 'none' or 'map', got {self.pool!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.output == "penultimate" and self.depth < 2:
             raise ValueError("output='penultimate' needs depth >= 2")
+
+    @property
+    def output_blocks(self) -> int | None:
+        """Blocks whose un-normalised output is returned; None for ``"last"`` (normalised)."""
+        if self.output == "last":
+            return None
+        return self.depth - 1 if self.output == "penultimate" else self.output
 
     @property
     def head_dim(self) -> int:
@@ -273,12 +286,12 @@ class VisionTransformer(nn.Module):
 
     Sown ``intermediates``: ``embedded`` (patch plus position embeddings), ``layers_{i}/out``
     (one ``layers/out`` stacked over blocks under scan), ``encoded`` (the features before the
-    final norm: the last block's output, or the penultimate block's with
-    ``output="penultimate"``) and ``pooled`` (``pool="map"``, ``[batch, width]``).
+    final norm: the last block's output, or that of block ``output_blocks - 1`` when
+    ``output`` is not ``"last"``) and ``pooled`` (``pool="map"``, ``[batch, width]``).
 
-    The parameter tree does not depend on ``output``: with ``"penultimate"`` the last block,
-    the final norm and the head are created at init but not run (under ``scan`` the last block
-    still runs: one block in ``depth`` of extra compute).
+    The parameter tree does not depend on ``output``: when it is not ``"last"``, the later
+    blocks, the final norm and the head are created at init but not run (under ``scan`` the
+    later blocks still run: extra compute, no different result).
     """
 
     config: ViTConfig
@@ -290,10 +303,11 @@ class VisionTransformer(nn.Module):
         x = self._embed(pixel_values)
         full = cfg.output == "last" or self.is_initializing()
         block = nn.remat(Block, prevent_cse=not cfg.scan) if cfg.remat else Block
+        blocks = cfg.depth if full else cfg.output_blocks
         if cfg.scan:
-            x = self._scan_blocks(block, x)
+            x = self._scan_blocks(block, x, blocks)
         else:
-            for i in range(cfg.depth if full else cfg.depth - 1):
+            for i in range(blocks):
                 x = block(cfg, name=f"layers_{i}")(x)
         self.sow("intermediates", "encoded", x)
         if not full:
@@ -323,15 +337,15 @@ class VisionTransformer(nn.Module):
         self.sow("intermediates", "embedded", x)
         return x
 
-    def _scan_blocks(self, block: type[Block], x: Array) -> Array:
-        """All blocks under ``nn.scan``; with ``output="penultimate"`` returns the input of the
-        last block (the carry keeps the previous block's output)."""
+    def _scan_blocks(self, block: type[Block], x: Array, wanted: int) -> Array:
+        """All blocks under ``nn.scan``; returns the output of block ``wanted - 1`` (``x`` for
+        0; the carry keeps it beside the running activations)."""
         cfg = self.config
-        penultimate = cfg.output == "penultimate"
 
-        def body(module: Block, carry, _):
-            y = module(carry[1] if penultimate else carry)
-            return ((carry[1], y) if penultimate else y), None
+        def body(module: Block, carry, index):
+            kept, y = carry
+            y = module(y)
+            return (jnp.where(index == wanted - 1, y, kept), y), None
 
         scan = nn.scan(
             body,
@@ -340,5 +354,5 @@ class VisionTransformer(nn.Module):
             length=cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        carry, _ = scan(block(cfg, name="layers"), (x, x) if penultimate else x, None)
-        return carry[0] if penultimate else carry
+        (kept, _), _ = scan(block(cfg, name="layers"), (x, x), jnp.arange(cfg.depth))
+        return kept
