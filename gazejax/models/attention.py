@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.gaze_attention import TokenMeta, visibility
+from kernels.gaze_attention.blockwise import blockwise_attention
+
 
 def dense_attention(
     query: jax.Array,
@@ -41,6 +44,39 @@ def dense_attention(
     probs = weights / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+def dense_visibility(query_meta: TokenMeta, kv_meta: TokenMeta) -> jax.Array:
+    """Dense attention's mask ``[batch, q_len, kv_len]`` from token metadata (DESIGN.md §2).
+
+    Every query sees every earlier (by position) real token, except context tokens, which see
+    only their own unit. This is gaze attention with every earlier region selected.
+    """
+    causal = kv_meta.position[:, None, :] <= query_meta.position[:, :, None]
+    return visibility(query_meta, kv_meta, causal[:, :, None, :])[:, :, 0, :]
+
+
+def causal_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+) -> jax.Array:
+    """Dense attention under :func:`dense_visibility`, block by block (only the causal work).
+
+    Block pairs that no query can see (the future, a cache's unwritten tail) are skipped and no
+    score matrix exceeds one block pair (:mod:`kernels.gaze_attention.blockwise`). Shapes as
+    :func:`dense_attention`, with ``query_meta [batch, q_len]`` and ``kv_meta [batch, kv_len]``
+    in place of the mask; equal to ``dense_attention(..., dense_visibility(...))``.
+    """
+
+    def block_mask(q_meta, k_meta, _):
+        return dense_visibility(q_meta, k_meta)[:, :, None, :]
+
+    scale = query.shape[-1] ** -0.5
+    out, _ = blockwise_attention(query, key, value, query_meta, kv_meta, block_mask, scale=scale)
+    return out.astype(query.dtype)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

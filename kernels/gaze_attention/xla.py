@@ -7,9 +7,9 @@ beyond the region's length masked), in chunks of a few regions under an online s
 big gather feeding a dot is slow and ``scan(unroll=True)`` slower still; see :func:`_routed`
 for bfloat16.
 
-Many queries (prefill, training) run the reference math block by block over queries under
-``jax.checkpoint``, so neither the forward nor the backward holds more than one block's
-``[heads, block, kv_len]`` scores.
+Many queries (prefill, training) run :mod:`~kernels.gaze_attention.blockwise`: query blocks ×
+key blocks under an online softmax, block pairs wholly in the future (or in a cache's unwritten
+tail) skipped, no score matrix larger than a block pair, in the forward or the backward.
 
 Both take the selection made by the dispatcher (``dispatch.gaze_attention``) and return the
 log-sum-exp beside the output, as the sequence-sharded decode (``sharded.py``) needs.
@@ -22,12 +22,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels.gaze_attention import reference
+from kernels.gaze_attention import blockwise, reference
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
 from kernels.gaze_attention.routing import Selection
 
-QUERY_BLOCK = 128
 REGIONS_PER_STEP = 8
 
 
@@ -72,33 +71,15 @@ def attend_selected_xla(
 
 
 def _blockwise(query, key, value, query_meta, kv_meta, table, selection, *, scale):
-    """Reference attention over query blocks of :data:`QUERY_BLOCK`, rematerialised."""
-    batch, q_len = query.shape[:2]
-    block = min(QUERY_BLOCK, q_len)
-    num_blocks = math.ceil(q_len / block)
-    pad = num_blocks * block - q_len
+    """Many queries: :func:`blockwise.blockwise_attention` under the gaze visibility rule."""
+    chosen = reference.chosen_regions(selection, table.num_regions)  # [b, q, heads, regions]
 
-    def blocks(x, fill):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(batch, num_blocks, block, *x.shape[2:]), 1, 0)
+    def block_mask(q_meta, k_meta, q_chosen):
+        return visibility(q_meta, k_meta, reference.tokens_in_regions(q_chosen, k_meta.region))
 
-    @jax.checkpoint
-    def one_block(q, q_meta, q_selection):
-        return reference.attend_selected_reference(
-            q, key, value, q_meta, kv_meta, table, q_selection, routing="per_head", scale=scale
-        )
-
-    def step(_, xs):
-        return None, one_block(*xs)
-
-    meta_blocks = jax.tree.map(lambda x: blocks(x, TokenKind.PADDING), query_meta)
-    selection_blocks = Selection(blocks(selection.region, -1), blocks(selection.valid, False))
-    _, (out, lse) = jax.lax.scan(step, None, (blocks(query, 0), meta_blocks, selection_blocks))
-
-    def unblock(x):
-        return jnp.moveaxis(x, 0, 1).reshape(batch, num_blocks * block, *x.shape[3:])[:, :q_len]
-
-    return unblock(out), unblock(lse)
+    return blockwise.blockwise_attention(
+        query, key, value, query_meta, kv_meta, block_mask, chosen, scale=scale
+    )
 
 
 def unrouted_state(
