@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +127,67 @@ def test_only_causal_block_pairs_are_live():
     expected = np.tril(np.ones((8, 8), bool))
     expected[6:] = expected[:, 6:] = False
     np.testing.assert_array_equal(live, expected)
+
+
+def test_one_query_dense_attention_equals_jax():
+    """A decode step's dense attention (GQA, a fully masked sample gives zeros)."""
+    q = _random((2, 1, HEADS, DIM), 9)
+    k, v = (_random((2, 37, KV_HEADS, DIM), s) for s in (10, 11))
+    mask = jnp.asarray(np.random.default_rng(12).random((2, 1, 37)) < 0.7).at[1].set(False)
+    ours = jax.jit(dense_attention)(q, k, v, mask)
+    theirs = jax.nn.dot_product_attention(q[:1], k[:1], v[:1], mask=mask[:1, None])
+    np.testing.assert_allclose(ours[:1], theirs, atol=1e-5)
+    np.testing.assert_array_equal(ours[1], 0.0)
+
+
+def _cache_sized_copies(step, cache, *args) -> int:
+    """Copies or transposes as large as ``cache`` in the compiled, cache-donating ``step``."""
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(cache, cache, *args).compile().as_text()
+    count = 0
+    for line in hlo.splitlines():
+        found = re.search(r"= f32\[([\d,]+)\]\S* (copy|transpose)\(", line)
+        if found and np.prod([int(d) for d in found.group(1).split(",")]) >= cache.size:
+            count += 1
+    return count
+
+
+def test_decode_steps_update_the_cache_without_copying_it():
+    """Dense and gaze (xla) decode steps write the new key in place and read the cache as is:
+    no copy or transpose of it (a gaze step once copied it into its region loop)."""
+    meta, table = _layout_meta()
+    meta, table = jax.tree.map(lambda x: x[:1], (meta, table))
+    length = meta.kind.shape[1]
+    cache = _random((1, length, KV_HEADS, DIM), 13)
+    q = _random((1, 1, HEADS, DIM), 14)
+    slot = length - 1
+    q_meta = jax.tree.map(lambda x: x[:, slot:], meta)
+
+    def written(keys, values, new):
+        return (jax.lax.dynamic_update_slice(x, new, (0, slot, 0, 0)) for x in (keys, values))
+
+    def dense_step(keys, values, new):
+        keys, values = written(keys, values, new)
+        return dense_attention(q, keys, values, dense_visibility(q_meta, meta)), keys, values
+
+    def gaze_step(keys, values, new, routing):
+        keys, values = written(keys, values, new)
+        descriptors = jnp.zeros((1, table.num_regions, KV_HEADS, DIM))
+        out = gaze_attention(
+            q,
+            keys,
+            values,
+            q_meta,
+            meta,
+            table,
+            top_k=2,
+            routing=routing,
+            descriptors=descriptors,
+            implementation="xla",
+            max_unrouted_tokens=12,
+        )
+        return out, keys, values
+
+    new = cache[:, :1]
+    assert _cache_sized_copies(dense_step, cache, new) == 0
+    for routing in ("per_head", "shared"):
+        assert _cache_sized_copies(functools.partial(gaze_step, routing=routing), cache, new) == 0
