@@ -182,7 +182,8 @@ def _kv_head_regions(selection: Selection, routing, group: int):
     if routing == "shared":
         return jnp.maximum(picks[:, :, 0], 0), jnp.broadcast_to(picks[:, :, :1] >= 0, picks.shape)
     union = jnp.sort(picks.reshape(batch, num_heads // group, group * top_k), axis=-1)
-    first = (union >= 0) & (union != jnp.pad(union, [(0, 0), (0, 0), (1, 0)])[..., :-1])
+    previous = jnp.pad(union, [(0, 0), (0, 0), (1, 0)], constant_values=-1)[..., :-1]
+    first = (union >= 0) & (union != previous)
     picked = (picks[..., :, None] == union[:, :, None, None, :]).any(axis=-2)  # [b, kv, g, n]
     return jnp.maximum(union, 0), picked & first[:, :, None]
 
