@@ -1,13 +1,16 @@
 """End-to-end greedy decoding speed: gazejax dense, gazejax gaze and transformers eager, one run.
 
-The same random Qwen3 weights (a Qwen2.5-0.5B-shaped decoder with few layers: hidden 896,
-14 query / 2 KV heads, head_dim 64, MLP 4864, tied embeddings) run in three ways on this machine:
+The same random Qwen3 weights run in three ways on this machine, for each model shape of
+:data:`MODELS`: ``small`` (Qwen2.5-0.5B-shaped with 2 layers: hidden 896, 14 query / 2 KV heads
+× 64, MLP 4864; the LM head is most of a step's bytes) and ``qwen3-0.6b`` (28 layers, hidden
+1024, 16 / 8 heads × 128, MLP 3072, 596M parameters: the KV cache is a real share of a step);
+both with a tied vocabulary of 151936:
 
 * ``dense``: :class:`gazejax.models.decoder.Decoder` with dense attention;
 * ``gaze``: the same weights with gaze attention (region 6×6, |C| = 4 context tokens per unit,
   K regions with ``K·36 ≈ 16 %`` of the visual tokens, per query head or, with ``--routing
-  shared``, per GQA group: with 7 query heads per KV head, per-head routing reads up to 7 region
-  sets per KV head where dense reads the cache once);
+  shared``, per GQA group; per-head routing reads the union of a group's picks once per KV
+  head, up to ``group·K`` regions);
 * ``hf``: ``transformers`` ``Qwen3ForCausalLM`` (torch, ``attn_implementation="eager"``), loaded
   from the folder that :func:`gazejax.convert.save_hf` wrote.
 
@@ -28,11 +31,13 @@ Then every method decodes ``--new-tokens`` tokens greedily, one forward pass + a
 three methods' steps interleaved; tokens/s is ``1000 / median step ms``.
 
 The floor per step is the bytes one step must read (all weights, the tied LM head included, plus
-the KV cache: all of it for dense and hf; the selected regions, text, context tokens and region
-descriptors for gaze) divided by a measured streaming-read bandwidth of this machine.
+the KV cache: all of it for dense and hf; the selected regions (per-head routing: ``heads·K``,
+the union's upper bound), text, context tokens and region descriptors for gaze) divided by a
+measured streaming-read bandwidth of this machine.
 
-    python benchmarks/generate.py                     # contexts 576 4608 16384, 2 layers
-    python benchmarks/generate.py --quick             # small smoke run (~1-2 min on 2 CPU cores)
+    python benchmarks/generate.py              # small at 576 4608 16384, qwen3-0.6b at 576 4608
+    python benchmarks/generate.py --models qwen3-0.6b --contexts 4608 16384
+    python benchmarks/generate.py --quick      # smoke run: vocab 32768, short contexts, 8 tokens
 
 Prints a table and writes ``benchmarks/results/generate_<platform>.json``.
 """
@@ -62,6 +67,19 @@ UNIT_SIDES = (24, 32)  # a visual unit is 24×24 = 576 tokens (32×32 where 576 
 REGION = (6, 6, 1)
 NUM_CONTEXT, TEXT_TOKENS, KV_FRACTION = 4, 16, 0.16
 FLOAT_BYTES = 4
+# Model shapes (Qwen3 weights, random, tied vocabulary) and the contexts each runs by default.
+MODELS = {
+    "small": dict(
+        layers=2, hidden=896, intermediate=4864, heads=14, kv_heads=2, head_dim=64,
+        contexts=(576, 4608, 16384),
+    ),
+    "qwen3-0.6b": dict(
+        layers=28, hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128,
+        contexts=(576, 4608),
+    ),
+}  # fmt: skip
+QUICK_CONTEXTS = {"small": (576, 1152), "qwen3-0.6b": (576,)}
+SHAPE_FLAGS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim")  # overrides
 
 
 def model_config(args, attention: str, top_k: int = 1) -> DecoderConfig:
@@ -414,20 +432,19 @@ def _with_top_k(config: DecoderConfig, top_k: int) -> DecoderConfig:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
+        "--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="model shapes"
+    )
+    parser.add_argument(
         "--contexts",
         type=int,
         nargs="+",
-        default=[576, 4608, 16384],
-        help="visual tokens (multiples of 576)",
+        default=None,
+        help="visual tokens (multiples of 576 or 1024); default: each model's (MODELS)",
     )
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--hidden", type=int, default=896)
-    parser.add_argument("--intermediate", type=int, default=4864)
-    parser.add_argument("--heads", type=int, default=14)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
+    for flag in SHAPE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument(
         "--routing",
@@ -439,15 +456,24 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: contexts 576 1152, 8 new tokens, vocab 32768",
+        help="smoke run: QUICK_CONTEXTS, 8 new tokens, vocab 32768",
     )
     parser.add_argument(
         "--out", default=None, help="JSON path; default benchmarks/results/generate_<platform>.json"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.contexts, args.new_tokens, args.vocab = [576, 1152], 8, 32768
+        args.new_tokens, args.vocab = 8, 32768
     return args
+
+
+def model_args(args, name: str) -> argparse.Namespace:
+    """``args`` with the shape of ``MODELS[name]`` (less the flags given) and its contexts."""
+    shape = dict(MODELS[name])
+    shape.update({k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None})
+    default = QUICK_CONTEXTS[name] if args.quick else shape["contexts"]
+    shape["contexts"] = list(args.contexts or default)
+    return argparse.Namespace(**{**vars(args), **shape, "model": name})
 
 
 def main(argv=None) -> dict:
@@ -455,28 +481,50 @@ def main(argv=None) -> dict:
     platform_name = jax.devices()[0].platform
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     out = args.out or os.path.join(results, f"generate_{platform_name}.json")
+    bandwidth = read_bandwidth_gbs()
+    print(
+        f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores); float32; region {REGION[:2]}, routing {args.routing}, "
+        f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
+        f"read bandwidth {bandwidth:.1f} GB/s",
+        flush=True,
+    )
+    records = []
+    for name in args.models:
+        run_model(
+            model_args(args, name),
+            bandwidth,
+            records,
+            lambda: _write(out, args, bandwidth, records),
+        )
+    print(f"wrote {len(records)} records to {out}")
+    for r in records:
+        assert r["dense_equals_hf"], (
+            f"{r['model']} N={r['n_visual']}: dense {r['tokens']['dense']} != transformers "
+            f"{r['tokens']['hf']}"
+        )
+    return _write(out, args, bandwidth, records)
+
+
+def run_model(args, bandwidth, records: list[dict], save) -> None:
+    """Every context of one model shape: prints its rows, appends to ``records``, ``save()``s."""
     dense_model = Decoder(model_config(args, "dense"))
     gaze_model = Decoder(model_config(args, "gaze"))
     params = dense_model.init(jax.random.key(args.seed), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree.map(np.asarray, nn.unbox(params))
     table = np.asarray(params["embed_tokens"]["embedding"])
-    bandwidth = read_bandwidth_gbs()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(
-        f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores); Qwen3 {args.layers} layers, hidden {args.hidden}, heads "
-        f"{args.heads}/{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab "
-        f"{args.vocab} (tied), {n_params / 1e6:.0f}M params, float32; region {REGION[:2]}, "
-        f"routing {args.routing}, "
-        f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
-        f"read bandwidth {bandwidth:.1f} GB/s",
+        f"\n{args.model}: Qwen3 {args.layers} layers, hidden {args.hidden}, heads {args.heads}/"
+        f"{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab {args.vocab} (tied), "
+        f"{n_params / 1e6:.0f}M params",
         flush=True,
     )
     header = (
-        f"{'N':>6} {'K':>3} {'method':6} {'prefill s':>9} {'step ms':>8} {'tok/s':>7} "
-        f"{'vs hf':>6} {'vs dense':>8} {'floor ms':>8} {'floor tok/s':>11} {'KV MB':>7}"
+        f"{'N':>6} {'K':>3} {'method':6} {'prefill s':>9} {'vs hf':>6} {'step ms':>8} "
+        f"{'tok/s':>7} {'vs hf':>6} {'vs dense':>8} {'floor ms':>8} {'floor tok/s':>11} "
+        f"{'KV MB':>7}"
     )
-    records = []
     with tempfile.TemporaryDirectory() as folder:
         save_hf(dense_model, params, folder)
         print(header, flush=True)
@@ -484,12 +532,15 @@ def main(argv=None) -> dict:
             r = run_context(
                 args, n_visual, dense_model, gaze_model, params, table, folder, bandwidth
             )
+            r.update(model=args.model, n_params=n_params)
             records.append(r)
             for name in ("dense", "gaze", "hf"):
                 fl = r["floor"][name]
                 vs_dense = f"{r['gaze_vs_dense']:>8.2f}" if name == "gaze" else f"{'':>8}"
+                prefill = r["prefill_s"][name]
                 print(
-                    f"{n_visual:>6} {r['top_k']:>3} {name:6} {r['prefill_s'][name]:>9.2f} "
+                    f"{n_visual:>6} {r['top_k']:>3} {name:6} {prefill:>9.2f} "
+                    f"{r['prefill_s']['hf'] / prefill:>6.2f} "
                     f"{r['median_step_ms'][name]:>8.1f} {r['tokens_per_s'][name]:>7.1f} "
                     f"{r['tokens_per_s'][name] / r['tokens_per_s']['hf']:>6.2f} {vs_dense} "
                     f"{fl['floor_ms']:>8.1f} {1e3 / fl['floor_ms']:>11.1f} "
@@ -500,24 +551,18 @@ def main(argv=None) -> dict:
                 f"with dense: {r['gaze_agreement']:.2f}",
                 flush=True,
             )
-            _write(out, args, bandwidth, n_params, records)  # after every context
-    print(f"wrote {len(records)} records to {out}")
-    for r in records:
-        assert r["dense_equals_hf"], (
-            f"N={r['n_visual']}: dense {r['tokens']['dense']} != transformers {r['tokens']['hf']}"
-        )
-    return _write(out, args, bandwidth, n_params, records)
+            save()  # after every context
 
 
-def _write(out, args, bandwidth, n_params, records) -> dict:
+def _write(out, args, bandwidth, records) -> dict:
     platform_name = jax.devices()[0].platform
     result = dict(
         device=jax.devices()[0].device_kind,
         platform=platform_name,
         cpu_count=os.cpu_count(),
         read_bandwidth_gbs=bandwidth,
-        n_params=n_params,
         config={k: v for k, v in vars(args).items() if k != "out"},
+        models={name: MODELS[name] for name in args.models},
         region=REGION,
         num_context=NUM_CONTEXT,
         text_tokens=TEXT_TOKENS,

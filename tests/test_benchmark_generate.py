@@ -24,6 +24,8 @@ def test_tiny_run_writes_json_and_dense_matches_transformers(tmp_path, capsys):
     out = tmp_path / "generate.json"
     result = load_benchmark().main(
         [
+            "--models",
+            "small",
             "--contexts",
             "576",
             "--new-tokens",
@@ -53,7 +55,7 @@ def test_tiny_run_writes_json_and_dense_matches_transformers(tmp_path, capsys):
         saved = json.load(f)
     assert saved["records"] == json.loads(json.dumps(result["records"]))
     (record,) = saved["records"]
-    assert record["dense_equals_hf"]
+    assert record["model"] == "small" and record["dense_equals_hf"]
     assert record["prompt_length"] == 576 + 4 + 16
     assert record["top_k"] == 3  # K·36 ≈ 16 % of 576
     for method in ("dense", "gaze", "hf"):

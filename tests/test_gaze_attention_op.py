@@ -11,6 +11,7 @@ import pytest
 from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
 from kernels.gaze_attention import (
     TokenKind,
+    blockwise,
     gaze_attention,
     pallas_train,
     resolve_implementation,
@@ -36,7 +37,8 @@ op = jax.jit(
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Several query blocks and several region chunks even at test sizes."""
-    monkeypatch.setattr(xla, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(blockwise, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
     monkeypatch.setattr(xla, "REGIONS_PER_STEP", 2)
     monkeypatch.setattr(pallas_train, "DEFAULT_BLOCK", 16)
 

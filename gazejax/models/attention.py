@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.gaze_attention import TokenMeta, visibility
+from kernels.gaze_attention.blockwise import blockwise_attention
+
 
 def dense_attention(
     query: jax.Array,
@@ -30,17 +33,77 @@ def dense_attention(
     num_kv_heads = key.shape[2]
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
+    if q_len == 1:
+        return _one_query_attention(query, key, value, mask, scale)
     q = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32) * scale
     mask = jnp.broadcast_to(mask, (batch, q_len, key.shape[1]))[:, None, None]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    probs = _masked_softmax(scores, mask, axis=-1)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+def _one_query_attention(query, key, value, mask, scale):
+    """:func:`dense_attention` of one query (a decode step), reading the cache in its layout.
+
+    XLA:CPU would transpose ``key`` and ``value`` to head-major for the per-head products (two
+    extra passes over the cache per layer). Instead the scores are one matmul of every key row
+    with every query head, ``[batch, kv_len·num_kv_heads, head_dim] × [head_dim, num_heads]``,
+    whose head-matching entries are kept (``num_kv_heads``× the multiply-adds of a matrix-vector
+    product, still cheaper than the transposes), and the output a weighted sum over the keys.
+    """
+    batch, _, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1:3]
+    group = num_heads // num_kv_heads
+    q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("bkgd,blkd->blkg", q, key, preferred_element_type=jnp.float32) * scale
+    mask = jnp.broadcast_to(mask, (batch, 1, kv_len))[:, 0, :, None, None]
+    probs = _masked_softmax(scores, mask, axis=1).astype(value.dtype)
+    out = jnp.sum(probs[..., None] * value[:, :, :, None, :], axis=1)  # [b, kv, g, d]
+    return out.reshape(batch, 1, num_heads, head_dim).astype(query.dtype)
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+    """Softmax of float32 ``scores`` along ``axis`` under ``mask``; all-masked rows are 0."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=axis, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(weights, axis=axis, keepdims=True)
+    return weights / jnp.where(denom > 0, denom, 1.0)
+
+
+def dense_visibility(query_meta: TokenMeta, kv_meta: TokenMeta) -> jax.Array:
+    """Dense attention's mask ``[batch, q_len, kv_len]`` from token metadata (DESIGN.md §2).
+
+    Every query sees every earlier (by position) real token, except context tokens, which see
+    only their own unit. This is gaze attention with every earlier region selected.
+    """
+    causal = kv_meta.position[:, None, :] <= query_meta.position[:, :, None]
+    return visibility(query_meta, kv_meta, causal[:, :, None, :])[:, :, 0, :]
+
+
+def causal_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    query_meta: TokenMeta,
+    kv_meta: TokenMeta,
+) -> jax.Array:
+    """Dense attention under :func:`dense_visibility`, block by block (only the causal work).
+
+    Block pairs that no query can see (the future, a cache's unwritten tail) are skipped and no
+    score matrix exceeds one block pair (:mod:`kernels.gaze_attention.blockwise`). Shapes as
+    :func:`dense_attention`, with ``query_meta [batch, q_len]`` and ``kv_meta [batch, kv_len]``
+    in place of the mask; equal to ``dense_attention(..., dense_visibility(...))``.
+    """
+
+    def block_mask(q_meta, k_meta, _):
+        return dense_visibility(q_meta, k_meta)[:, :, None, :]
+
+    scale = query.shape[-1] ** -0.5
+    out, _ = blockwise_attention(query, key, value, query_meta, kv_meta, block_mask, scale=scale)
+    return out.astype(query.dtype)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

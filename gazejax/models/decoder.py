@@ -15,7 +15,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gazejax.models.attention import apply_rope, dense_attention, rope_cos_sin
+from gazejax.models.attention import (
+    apply_rope,
+    causal_attention,
+    dense_attention,
+    dense_visibility,
+    rope_cos_sin,
+)
 from gazejax.models.layers import Projection
 from gazejax.models.sequence_split import (
     current_sequence_split,
@@ -31,7 +37,6 @@ from kernels.gaze_attention import (
     TokenMeta,
     region_descriptors,
     validate_top_k,
-    visibility,
 )
 
 Dtype = Any
@@ -221,9 +226,10 @@ class AttentionInputs:
 
     Attributes:
       cos, sin: RoPE tables ``[batch, seq, head_dim]`` of the new tokens' positions.
-      mask: dense attention only: bool ``[batch, seq, kv_len]``.
-      query_meta: gaze only: :class:`TokenMeta` ``[batch, seq]`` of the new tokens.
-      kv_meta: gaze only: :class:`TokenMeta` ``[batch, kv_len]`` of what is attended to.
+      mask: dense attention: bool ``[batch, seq, kv_len]`` for a one-token step (or an
+        explicit mask); None: blockwise from the metadata (:func:`causal_attention`).
+      query_meta: :class:`TokenMeta` ``[batch, seq]`` of the new tokens.
+      kv_meta: :class:`TokenMeta` ``[batch, kv_len]`` of what is attended to.
       regions: gaze only: :class:`RegionTable` of the keys.
       cache_start: slot where the new keys and values are written in the cache.
       top_k: gaze only: regions per text query (static).
@@ -287,8 +293,10 @@ class Attention(nn.Module):
             out, selection = split_decode_step(split, cfg, q, k, v, inputs, descriptors)
             if selection is not None:
                 self.sow("intermediates", "selection", selection)
-        elif cfg.attention == "dense":
+        elif cfg.attention == "dense" and inputs.mask is not None:
             out = dense_attention(q, k, v, inputs.mask)
+        elif cfg.attention == "dense":
+            out = causal_attention(q, k, v, inputs.query_meta, inputs.kv_meta)
         else:
             out, selection = gaze_attention_on_mesh(
                 q,
@@ -459,10 +467,11 @@ class Decoder(nn.Module):
             token_meta = token_meta.replace(position=positions.astype(jnp.int32))
         kv_meta = token_meta if cache is None else cache.write_meta(token_meta, start)
         cos, sin = rope_cos_sin(jnp.maximum(token_meta.position, 0), cfg.head_dim, cfg.rope_theta)
+        dense_step = cfg.attention == "dense" and seq == 1  # one query: read the cache at once
         inputs = AttentionInputs(
             cos=cos,
             sin=sin,
-            mask=dense_visibility(token_meta, kv_meta) if cfg.attention == "dense" else None,
+            mask=dense_visibility(token_meta, kv_meta) if dense_step else None,
             query_meta=token_meta,
             kv_meta=kv_meta,
             regions=regions if cache is None or regions is not None else cache.regions,
@@ -497,14 +506,3 @@ def text_meta(positions: jax.Array, valid: jax.Array) -> TokenMeta:
         region=none,
         position=jnp.where(valid, positions, -1).astype(jnp.int32),
     )
-
-
-def dense_visibility(query_meta: TokenMeta, kv_meta: TokenMeta) -> jax.Array:
-    """Dense attention's mask ``[batch, q_len, kv_len]`` from token metadata (DESIGN.md §2).
-
-    Every query sees every earlier (by position) real token, except context tokens, which see
-    only their own unit. This is gaze attention with every earlier region selected.
-    """
-    causal = kv_meta.position[:, None, :] <= query_meta.position[:, :, None]
-    mask = visibility(query_meta, kv_meta, causal[:, :, None, :])
-    return mask[:, :, 0, :]

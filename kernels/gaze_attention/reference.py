@@ -19,10 +19,20 @@ def selected_tokens(selection: routing_lib.Selection, kv_region: jax.Array, num_
 
     ``kv_region``: [batch, kv_len] region of each key (``-1`` for non-visual).
     """
+    return tokens_in_regions(chosen_regions(selection, num_regions), kv_region)
+
+
+def chosen_regions(selection: routing_lib.Selection, num_regions: int) -> jax.Array:
+    """[batch, q_len, num_heads, num_regions] bool: the query head selected the region."""
     region_ids = jnp.arange(num_regions, dtype=jnp.int32)
     chosen = selection.valid[..., None] & (selection.region[..., None] == region_ids)
-    chosen = chosen.any(axis=-2)  # [batch, q_len, num_heads, num_regions]
-    index = jnp.clip(kv_region, 0, num_regions - 1)[:, None, None, :]
+    return chosen.any(axis=-2)
+
+
+def tokens_in_regions(chosen: jax.Array, kv_region: jax.Array) -> jax.Array:
+    """[batch, q_len, num_heads, kv_len] bool: key ``kv_region [batch, kv_len]`` lies in a region
+    that ``chosen [batch, q_len, num_heads, num_regions]`` marks (``-1``: not visual)."""
+    index = jnp.clip(kv_region, 0, chosen.shape[-1] - 1)[:, None, None, :]
     return jnp.take_along_axis(chosen, index, axis=-1) & (kv_region >= 0)[:, None, None, :]
 
 

@@ -1,15 +1,16 @@
 """Gaze attention in plain XLA: a region-gather decode and a blockwise many-query path.
 
 Decode (``q_len == 1``) reads only what the query may see: the text and context tokens (the
-*unrouted* part), then the K selected regions, each the cache slice ``start + [0, m)`` (tail
-beyond the region's length masked), in chunks of a few regions under an online softmax in a
-``lax.scan`` that starts from the unrouted part's state (the log-sum-exp merge). On XLA:CPU one
-big gather feeding a dot is slow and ``scan(unroll=True)`` slower still; see :func:`_routed`
-for bfloat16.
+*unrouted* part), then the selected regions, each the cache slice ``start + [0, m)`` (tail
+beyond the region's length masked). Each KV head reads the union of its query heads' regions
+once (per-head routing; a per-head mask keeps each head to its own picks), gathered before the
+loop, then a ``lax.scan`` over chunks of a few regions runs an online softmax that starts from
+the unrouted part's state (the log-sum-exp merge). On XLA:CPU one big gather feeding a dot is
+slow, ``scan(unroll=True)`` slower still, and a cache that enters a loop is copied whole.
 
-Many queries (prefill, training) run the reference math block by block over queries under
-``jax.checkpoint``, so neither the forward nor the backward holds more than one block's
-``[heads, block, kv_len]`` scores.
+Many queries (prefill, training) run :mod:`~kernels.gaze_attention.blockwise`: query blocks ×
+key blocks under an online softmax, block pairs wholly in the future (or in a cache's unwritten
+tail) skipped, no score matrix larger than a block pair, in the forward or the backward.
 
 Both take the selection made by the dispatcher (``dispatch.gaze_attention``) and return the
 log-sum-exp beside the output, as the sequence-sharded decode (``sharded.py``) needs.
@@ -22,12 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels.gaze_attention import reference
+from kernels.gaze_attention import blockwise, reference
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
 from kernels.gaze_attention.routing import Selection
 
-QUERY_BLOCK = 128
 REGIONS_PER_STEP = 8
 
 
@@ -72,33 +72,15 @@ def attend_selected_xla(
 
 
 def _blockwise(query, key, value, query_meta, kv_meta, table, selection, *, scale):
-    """Reference attention over query blocks of :data:`QUERY_BLOCK`, rematerialised."""
-    batch, q_len = query.shape[:2]
-    block = min(QUERY_BLOCK, q_len)
-    num_blocks = math.ceil(q_len / block)
-    pad = num_blocks * block - q_len
+    """Many queries: :func:`blockwise.blockwise_attention` under the gaze visibility rule."""
+    chosen = reference.chosen_regions(selection, table.num_regions)  # [b, q, heads, regions]
 
-    def blocks(x, fill):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(batch, num_blocks, block, *x.shape[2:]), 1, 0)
+    def block_mask(q_meta, k_meta, q_chosen):
+        return visibility(q_meta, k_meta, reference.tokens_in_regions(q_chosen, k_meta.region))
 
-    @jax.checkpoint
-    def one_block(q, q_meta, q_selection):
-        return reference.attend_selected_reference(
-            q, key, value, q_meta, kv_meta, table, q_selection, routing="per_head", scale=scale
-        )
-
-    def step(_, xs):
-        return None, one_block(*xs)
-
-    meta_blocks = jax.tree.map(lambda x: blocks(x, TokenKind.PADDING), query_meta)
-    selection_blocks = Selection(blocks(selection.region, -1), blocks(selection.valid, False))
-    _, (out, lse) = jax.lax.scan(step, None, (blocks(query, 0), meta_blocks, selection_blocks))
-
-    def unblock(x):
-        return jnp.moveaxis(x, 0, 1).reshape(batch, num_blocks * block, *x.shape[3:])[:, :q_len]
-
-    return unblock(out), unblock(lse)
+    return blockwise.blockwise_attention(
+        query, key, value, query_meta, kv_meta, block_mask, chosen, scale=scale
+    )
 
 
 def unrouted_state(
@@ -138,56 +120,72 @@ def unrouted_state(
 
 
 def _routed(query, key, value, table, selection, routing, scale, state):
-    """Adds the selected regions to ``state``, :data:`REGIONS_PER_STEP` regions per scan step.
+    """Adds the selected regions to ``state`` (per KV head, ``[b, kv_heads, group, ...]``).
 
-    Float32 caches are gathered chunk by chunk inside the scan (small working set). Gathers of
-    2-byte types inside a loop are very slow on XLA:CPU, so bfloat16 caches are gathered before
-    the scan, as ``uint32`` pairs, and the scan only unpacks each chunk.
+    Each KV head reads the union of its query heads' regions once (:func:`_kv_head_regions`),
+    gathered before any loop: a cache that entered a ``while`` loop would be copied whole (it
+    is the step's donated output too). The gathered rows then go through the online softmax
+    :data:`REGIONS_PER_STEP` regions per ``lax.scan`` step, each query head masked to its own
+    regions. Rows are gathered as ``uint32`` words for 2-byte caches (see :func:`_as_rows`).
     """
     batch, _, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1:3]
-    groups = num_heads if routing == "per_head" else num_kv_heads  # distinct selections
-    per_group = num_heads // groups
-    region = selection.region[:, 0, ::per_group]  # [b, groups, top_k]
-    valid = selection.valid[:, 0, ::per_group]
-    top_k = region.shape[-1]
-    num_steps = math.ceil(top_k / REGIONS_PER_STEP)
-    chunk = math.ceil(top_k / num_steps)
-    region, valid = (
-        jnp.pad(x, [(0, 0), (0, 0), (0, num_steps * chunk - top_k)])
-        for x in (jnp.maximum(region, 0), valid)
-    )
-    start = jnp.take_along_axis(table.start[:, None], region, axis=-1)
-    length = jnp.where(valid, jnp.take_along_axis(table.length[:, None], region, axis=-1), 0)
-    start, length = (
-        jnp.moveaxis(x.reshape(batch, groups, num_steps, chunk), 2, 0) for x in (start, length)
-    )  # [steps, b, groups, chunk]
+    group = num_heads // num_kv_heads
+    region, sees = _kv_head_regions(selection, routing, group)  # [b, kv, n], [b, kv, g, n]
+    count = region.shape[-1]
+    num_steps = math.ceil(count / REGIONS_PER_STEP)
+    chunk = math.ceil(count / num_steps)
+    pad = [(0, 0), (0, 0), (0, num_steps * chunk - count)]
+    region = jnp.pad(region, pad)
+    sees = jnp.pad(sees, [(0, 0), *pad])
+    start = jnp.take_along_axis(table.start[:, None], region, axis=-1)  # [b, kv, n]
+    length = jnp.take_along_axis(table.length[:, None], region, axis=-1)
 
     slot = jnp.arange(table.capacity, dtype=jnp.int32)
-    token = jnp.minimum(start[..., None] + slot, kv_len - 1)  # [steps, b, groups, chunk, m]
-    kv_head = jnp.arange(groups, dtype=jnp.int32) * num_kv_heads // groups
+    token = jnp.minimum(start[..., None] + slot, kv_len - 1)  # [b, kv, n, m]
+    kv_head = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None, None]
     sample = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] * kv_len
-    row = (sample + token) * num_kv_heads + kv_head[:, None, None]
-    row = row.reshape(num_steps, batch, groups, -1)
-    mask = (slot < length[..., None]).reshape(num_steps, batch, groups, 1, -1)
-    key_rows, value_rows = _as_rows(key), _as_rows(value)
+    row = (sample + token) * num_kv_heads + kv_head
+    mask = sees[..., None] & (slot < length[..., None])[:, :, None]  # [b, kv, g, n, m]
 
-    def fetch(row):
-        return tuple(x.at[row].get(mode="promise_in_bounds") for x in (key_rows, value_rows))
+    def per_step(x, axis):  # [..., n, m, ...] at ``axis`` -> [steps, ..., chunk·m, ...]
+        x = x.reshape(*x.shape[:axis], num_steps, chunk * table.capacity, *x.shape[axis + 2 :])
+        return jnp.moveaxis(x, axis, 0)
 
-    prefetched = fetch(row) if key.dtype.itemsize == 2 else None
-    q = query[:, 0].reshape(batch, groups, per_group, head_dim).astype(jnp.float32)
+    keys, values = (
+        per_step(_as_rows(x).at[row].get(mode="promise_in_bounds"), 2) for x in (key, value)
+    )
+    q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
 
     def step(state, xs):
-        gathered, row, mask = xs
-        keys, values = fetch(row) if gathered is None else gathered
+        keys, values, mask = xs
         keys, values = _unpack(keys, key.dtype), _unpack(values, value.dtype)
-        logits = jnp.einsum("bshd,bsnd->bshn", q, keys) * scale  # keys: [b, groups, n, d]
+        logits = jnp.einsum("bkgd,bknd->bkgn", q, keys) * scale
         return _update(state, logits, mask, values), None
 
-    state = jax.tree.map(lambda x: x.reshape(batch, groups, per_group, *x.shape[3:]), state)
-    state, _ = jax.lax.scan(step, state, (prefetched, row, mask))
+    state, _ = jax.lax.scan(step, state, (keys, values, per_step(mask, 3)))
     return state
+
+
+def _kv_head_regions(selection: Selection, routing, group: int):
+    """The regions each KV head reads and which of its query heads see each.
+
+    Returns ``region [b, kv_heads, n]`` (indices into the table; 0 in unused slots) and ``sees
+    [b, kv_heads, group, n]`` bool. Shared routing: the group's K regions, seen by all its heads
+    (``n = K``). Per-head routing: the union of the group's picks, each region once (sorted;
+    repeats and invalid slots are seen by no head, ``n = group·K``), seen by the heads that
+    picked it.
+    """
+    picks = jnp.where(selection.valid[:, 0], selection.region[:, 0], -1)  # [b, heads, K]
+    batch, num_heads, top_k = picks.shape
+    picks = picks.reshape(batch, num_heads // group, group, top_k)
+    if routing == "shared":
+        return jnp.maximum(picks[:, :, 0], 0), jnp.broadcast_to(picks[:, :, :1] >= 0, picks.shape)
+    union = jnp.sort(picks.reshape(batch, num_heads // group, group * top_k), axis=-1)
+    previous = jnp.pad(union, [(0, 0), (0, 0), (1, 0)], constant_values=-1)[..., :-1]
+    first = (union >= 0) & (union != previous)
+    picked = (picks[..., :, None] == union[:, :, None, None, :]).any(axis=-2)  # [b, kv, g, n]
+    return jnp.maximum(union, 0), picked & first[:, :, None]
 
 
 def _as_rows(x: jax.Array) -> jax.Array:
