@@ -45,8 +45,11 @@ reproduce: install
 	$(PY) -m gazejax.evaluate --workdir runs/gaze_default $(SWEEP)
 	$(PY) -m gazejax.evaluate --workdir runs/dense_default $(SWEEP)
 
+# The default suite on TEST_WORKERS pytest-xdist workers (2: CI's cores; each test compiles and
+# runs on one core most of the time). The slow tests run serially (.ci/run): their timings matter.
+TEST_WORKERS ?= 2
 test: install-dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
