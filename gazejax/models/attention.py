@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.gaze_attention import TokenMeta, visibility
-from kernels.gaze_attention.blockwise import blockwise_attention
+from kernels.gaze_attention import TokenMeta, blockwise, visibility
 
 
 def dense_attention(
@@ -93,16 +92,23 @@ def causal_attention(
     """Dense attention under :func:`dense_visibility`, block by block (only the causal work).
 
     Block pairs that no query can see (the future, a cache's unwritten tail) are skipped and no
-    score matrix exceeds one block pair (:mod:`kernels.gaze_attention.blockwise`). Shapes as
-    :func:`dense_attention`, with ``query_meta [batch, q_len]`` and ``kv_meta [batch, kv_len]``
-    in place of the mask; equal to ``dense_attention(..., dense_visibility(...))``.
+    score matrix exceeds one block pair (:mod:`kernels.gaze_attention.blockwise`). Keys that fit
+    in one key block (``kv_len <= blockwise.KV_BLOCK``: training sequences of a few hundred
+    tokens) leave nothing to skip, so they take the masked dense path, whose scores are then a
+    column of block pairs. Shapes as :func:`dense_attention`, with ``query_meta [batch, q_len]``
+    and ``kv_meta [batch, kv_len]`` in place of the mask; equal to ``dense_attention(...,
+    dense_visibility(...))``.
     """
+    if key.shape[1] <= blockwise.KV_BLOCK:
+        return dense_attention(query, key, value, dense_visibility(query_meta, kv_meta))
 
     def block_mask(q_meta, k_meta, _):
         return dense_visibility(q_meta, k_meta)[:, :, None, :]
 
     scale = query.shape[-1] ** -0.5
-    out, _ = blockwise_attention(query, key, value, query_meta, kv_meta, block_mask, scale=scale)
+    out, _ = blockwise.blockwise_attention(
+        query, key, value, query_meta, kv_meta, block_mask, scale=scale
+    )
     return out.astype(query.dtype)
 
 
