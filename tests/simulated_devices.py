@@ -7,7 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 RESULTS_TAG = "MESH_CHECK_RESULTS "
 
@@ -33,6 +34,18 @@ def run_script(path: str, num_devices: int, args: Sequence[str] = ()) -> dict:
     lines = [x for x in result.stdout.splitlines() if x.startswith(RESULTS_TAG)]
     assert result.returncode == 0 and lines, result.stderr[-4000:]
     return json.loads(lines[-1][len(RESULTS_TAG) :])
+
+
+def run_checks(checks: Mapping[str, tuple[Callable, ...]]) -> dict[str, str]:
+    """Runs each ``name: (check, *args)``; ``{name: "ok" or the traceback}``, for the parent."""
+    results = {}
+    for name, (check, *args) in checks.items():
+        try:
+            check(*args)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent process
+            results[name] = traceback.format_exc()
+    return results
 
 
 def print_results(results: dict) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-import traceback
 
 import flax.linen as nn
 import jax
@@ -33,7 +32,7 @@ from gazejax.lmms.model import GazeJaxLMM
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from gazejax.sharding import make_mesh, mesh_rules, parse_mesh
-from tests.simulated_devices import iter_eqns, print_results, run_script
+from tests.simulated_devices import iter_eqns, print_results, run_checks, run_script
 from tests.workdirs import save_workdir, tiny_gaze_config
 
 NUM_DEVICES = 8
@@ -246,14 +245,7 @@ def run_mesh_checks() -> dict[str, object]:
         "evaluate": (check_evaluate, mesh, sys.argv[1]),
         "lmms-eval generate_until": (check_lmms, prompts["one image"], sys.argv[1]),
     }
-    results = {}
-    for name, (check, *args) in checks.items():
-        try:
-            check(*args)
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent process
-            results[name] = traceback.format_exc()
-    return results
+    return run_checks(checks)
 
 
 MESH_CHECKS = (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from kernels.gaze_attention import (
 )
 from kernels.gaze_attention.reference import attend_selected_reference
 from kernels.gaze_attention.xla import attend_selected_xla
-from tests.simulated_devices import iter_eqns, print_results, run_script
+from tests.simulated_devices import iter_eqns, print_results, run_checks, run_script
 
 NUM_DEVICES = 8
 HLO_COLLECTIVE = re.compile(
@@ -297,14 +296,7 @@ MESH_CHECKS = {
 
 def run_mesh_checks() -> dict[str, str]:
     assert jax.device_count() == NUM_DEVICES, jax.devices()
-    results = {}
-    for name, (check, *args) in MESH_CHECKS.items():
-        try:
-            check(*args)
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent process
-            results[name] = traceback.format_exc()
-    return results
+    return run_checks(MESH_CHECKS)
 
 
 @pytest.fixture(scope="module")

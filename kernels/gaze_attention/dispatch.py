@@ -24,6 +24,7 @@ from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenMeta, region_table
 from kernels.gaze_attention.pallas_decode import attend_selected_pallas_decode
 from kernels.gaze_attention.pallas_train import attend_selected_pallas_train
+from kernels.gaze_attention.platform import target_platform
 from kernels.gaze_attention.reference import attend_selected_reference
 from kernels.gaze_attention.routing import Selection
 from kernels.gaze_attention.xla import attend_selected_xla
@@ -74,12 +75,13 @@ IMPLEMENTATIONS: tuple[str, ...] = (*ATTEND_SELECTED, "auto")
 
 
 def resolve_implementation(implementation: Implementation) -> str:
-    """``"auto"`` → the Pallas kernels on a GPU or TPU, ``"xla"`` on a CPU (where Pallas only
-    interprets); any other name is itself (checked)."""
+    """``"auto"`` → the Pallas kernels on a GPU or TPU (the mesh's platform,
+    ``platform.target_platform``), ``"xla"`` on a CPU (where Pallas only interprets); any other
+    name is itself (checked)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return "pallas" if target_platform() in ("gpu", "tpu") else "xla"
     return implementation
 
 
