@@ -4,21 +4,24 @@ synthetic visual-QA set, on a CPU.
     python -m gazejax.train --config configs/synthetic.py --workdir runs/synthetic
     python -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze
     python -m gazejax.train --config configs/synthetic.py:runlocal --workdir /tmp/smoke
+    python -m gazejax.train --config configs/synthetic.py:turns=3 --workdir runs/multiturn
 
 Variants (comma-separated after the colon): ``attention=dense|gaze``, ``stage=1|2``,
-``runlocal`` (a few steps, a smoke test).
+``turns=N`` (N questions per scene, 1 to 4: a conversation, every answer supervised; the
+buckets grow to fit), ``runlocal`` (a few steps, a smoke test).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from gazejax.configuration import base_config, parse_variant
+from gazejax.configuration import VARIANTS, base_config, parse_variant
 from gazejax.data.synthetic import TASKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = parse_variant(arg)
+    variant = parse_variant(arg, {**VARIANTS, "turns": ("1", "2", "3", "4")})
+    turns = int(variant.get("turns", 1))
     config = base_config(int(variant.get("stage", 2)), variant.get("attention", "dense"))
     config.total_steps = 2400
     config.batch_size = 16
@@ -50,14 +53,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         object_sizes=(0.6, 0.85),  # of a 16-pixel cell: 10 and 14 px
         jitter=False,
         video_frames=4,
+        turns=turns,  # questions per scene; > 1: a conversation about it
         # Video questions cost ~3x an image question's compute; half weight keeps the run short.
         tasks={task: 0.5 if family == "video" else 1.0 for task, (family, _) in TASKS.items()},
     )
     # Images and videos train in separate batches (buckets), each padded to its own shape:
-    # slots = text + units x (36 visual + context tokens); regions = units x 9.
+    # slots = text + units x (36 visual + context tokens); regions = units x 9. A later turn's
+    # question and answer take at most ~34 more tokens.
+    more = 40 * (turns - 1)
     config.data.buckets = dict(
-        image=dict(length=80, max_units=1, num_regions=9),
-        video=dict(length=200, max_units=4, num_regions=36),
+        image=dict(length=80 + more, max_units=1, num_regions=9),
+        video=dict(length=200 + more, max_units=4, num_regions=36),
     )
     config.data.system_prompt = ""  # ChatML with an empty system turn: shorter sequences
 

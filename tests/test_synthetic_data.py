@@ -8,6 +8,7 @@ the question is answerable from the image and the answer is right.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import re
 import time
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from gazejax.data import vocab
+from gazejax.data.batches import synthetic_examples
+from gazejax.data.packing import Text, pack_batch
 from gazejax.data.synthetic import (
     COLORS,
     TASKS,
@@ -27,6 +30,7 @@ from gazejax.data.synthetic import (
     SyntheticVQA,
     to_conversation,
 )
+from gazejax.gaze.geometry import PackingGeometry
 
 CONFIG = SyntheticConfig()
 NUM_EXAMPLES = 300
@@ -71,39 +75,44 @@ def _separated(a: dict, b: dict, axis: int) -> bool:
     return a["bbox"][axis + 2] <= b["bbox"][axis] or b["bbox"][axis + 2] <= a["bbox"][axis]
 
 
-def derive_answer(example: dict) -> str:
-    """The answer from the question and the object metadata, parsed and computed afresh."""
-    q, objects = example["question"], example["objects"]
+def derive(question: str, objects) -> tuple[str, list[dict]]:
+    """The answer from the question and the object metadata, parsed and computed afresh, and
+    the objects the question is about."""
+    q = question
     if m := re.fullmatch(r"what (color|shape) is the object that appears in the (\w+) frame\?", q):
         (obj,) = [o for o in objects if o["frame"] == ORDINALS.index(m[2])]
-        return obj[m[1]]
+        return obj[m[1]], [obj]
     if m := re.fullmatch(r"what (color|shape|size) is (the [a-z ]+)\?", q):
-        return _find(objects, m[2])[m[1]]
+        obj = _find(objects, m[2])
+        return obj[m[1]], [obj]
     if m := re.fullmatch(r"list the (shape|color)s from left to right\.", q):
         for a in objects:
             assert all(_separated(a, b, 1) for b in objects if b is not a)
-        return " ".join(o[m[1]] for o in sorted(objects, key=lambda o: _center(o)[1]))
+        ordered = sorted(objects, key=lambda o: _center(o)[1])
+        return " ".join(o[m[1]] for o in ordered), ordered
     if m := re.fullmatch(r"is (the [a-z ]+?) (left of|right of|above|below) (the [a-z ]+)\?", q):
         a, b = _find(objects, m[1]), _find(objects, m[3])
         axis = 1 if m[2] in ("left of", "right of") else 0
         assert _separated(a, b, axis)
         before = _center(a)[axis] < _center(b)[axis]
-        return "yes" if before == (m[2] in ("left of", "above")) else "no"
+        return ("yes" if before == (m[2] in ("left of", "above")) else "no"), [a, b]
     if m := re.fullmatch(r"which is (larger|smaller), (the [a-z ]+) or (the [a-z ]+)\?", q):
         pair = [_find(objects, m[2]), _find(objects, m[3])]
         areas = [(o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1]) for o in pair]
         assert areas[0] != areas[1]
         pick = int(areas[1] > areas[0]) if m[1] == "larger" else int(areas[1] < areas[0])
-        return _name(pair[pick], m[2])
+        return _name(pair[pick], m[2]), pair
     if m := re.fullmatch(r"how many (\w+) objects\?", q):
-        return NUMBERS[sum(o["color"] == m[1] for o in objects)]
+        counted = [o for o in objects if o["color"] == m[1]]
+        return NUMBERS[len(counted)], counted
     if m := re.fullmatch(r"how many (\w+)\?", q):
         singular = re.sub(r"(?<=s)es$|s$", "", m[1])
-        return NUMBERS[sum(o["shape"] == singular for o in objects)]
+        counted = [o for o in objects if o["shape"] == singular]
+        return NUMBERS[len(counted)], counted
     if m := re.fullmatch(r"which came first, (the [a-z ]+) or (the [a-z ]+)\?", q):
         a, b = _find(objects, m[1]), _find(objects, m[2])
         assert a["frame"] != b["frame"]
-        return _name(min(a, b, key=lambda o: o["frame"]), m[1])
+        return _name(min(a, b, key=lambda o: o["frame"]), m[1]), [a, b]
     raise AssertionError(f"unparsed question {q!r}")
 
 
@@ -128,8 +137,13 @@ def check_example(example: dict, config: SyntheticConfig) -> None:
     size, cell = config.image_size, config.image_size // config.grid
     assert units.dtype == np.float32 and units.shape == (num_units, size, size, 3)
     assert units.min() >= -1 and units.max() <= 1
-    assert example["task"] in TASKS and example["family"] == TASKS[example["task"]][0]
-    assert (example["kind"] == "video") == (example["family"] == "video")
+    turns = example["turns"]
+    assert len(turns) == config.turns
+    assert {k: example[k] for k in ("question", "answer", "task", "family")} == turns[0]
+    assert len({t["question"] for t in turns}) == len(turns)  # none asked twice
+    for turn in turns:
+        assert turn["task"] in TASKS and turn["family"] == TASKS[turn["task"]][0]
+        assert (example["kind"] == "video") == (turn["family"] == "video")
 
     objects = example["objects"]
     initial = sum(o["frame"] == 0 for o in objects)
@@ -175,7 +189,8 @@ def check_example(example: dict, config: SyntheticConfig) -> None:
             side = y1 - y0
             probes = (on(y0, x0), on(y1 - 1, x0), on(y0 + side // 4, x0 + side // 4))
             assert SHAPE_PROBES[probes] == o["shape"]
-    assert derive_answer(example) == example["answer"], example["question"]
+    for turn in turns:
+        assert derive(turn["question"], objects)[0] == turn["answer"], turn["question"]
 
 
 # --- The data set ------------------------------------------------------------------------------
@@ -272,6 +287,31 @@ def test_answers_are_not_dominated_by_one_value():
         assert max(counts.values()) < 0.6 * sum(counts.values()), counts
 
 
+MULTI_TURN = SyntheticConfig(max_objects=4, turns=3)
+
+
+def test_conversations_ask_later_turns_about_objects_not_yet_mentioned():
+    """Three questions per scene: each later turn is about an object (a clip: a frame's new
+    object) that no earlier turn mentioned, whenever the scene has one left; answers
+    re-derived."""
+    source = SyntheticVQA(MULTI_TURN, "train", size=10**6)
+    multi_region = 0
+    for i in range(150):
+        example = source[i]
+        check_example(example, MULTI_TURN)
+        objects = example["objects"]
+        mentioned: list[dict] = []
+        for turn in example["turns"]:
+            _, about = derive(turn["question"], objects)
+            fresh = [o for o in objects if o not in mentioned]
+            # An image's count question, a clip's "appears in frame n" can always ask about one.
+            if mentioned and [o for o in fresh if example["kind"] == "image" or o["frame"]]:
+                assert any(o in fresh for o in about), (turn, mentioned)
+            mentioned += about
+            multi_region += turn["task"] in ("relation", "compare_size", "count", "order")
+    assert multi_region > 100  # turns that need two or more regions
+
+
 def test_to_conversation_uses_one_image_placeholder(examples):
     video = next(e for e in examples if e["kind"] == "video")
     for example in (examples[0], video):
@@ -319,6 +359,9 @@ def test_index_and_split_are_checked():
         (dict(grid=3, image_size=48, max_objects=8), "video_frames"),  # 8 + 3 new > 9 cells
         (dict(noise=-0.1), "noise"),
         (dict(seed=-1), "seed"),
+        (dict(turns=0), "turns"),
+        (dict(turns=2, tasks={"color": 1.0}, later_tasks={"video_order": 1.0}), "image task"),
+        (dict(later_tasks={"colour": 1.0}), "unknown later_tasks"),
     ],
 )
 def test_invalid_configs_are_rejected(kwargs, match):
@@ -338,6 +381,7 @@ def configs(draw) -> SyntheticConfig:
         max_objects=max_objects,
         video_frames=frames,
         noise=draw(st.sampled_from([0.0, 0.02])),
+        turns=draw(st.sampled_from([1, 1, 2, 4])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -428,3 +472,22 @@ def test_without_jitter_objects_are_centred_in_their_cells():
             side = y1 - y0
             offset = (cell - side) // 2
             assert (y0 % cell, x0 % cell) == (offset, offset), obj
+
+
+def test_every_turn_of_a_conversation_is_supervised(tokenizer):
+    """Training on a 3-turn conversation: the loss mask (targets >= 0) covers exactly each
+    turn's answer tokens and its closing <|im_end|>, after packing too."""
+    fields = {k: v for k, v in dataclasses.asdict(MULTI_TURN).items() if k != "seed"}
+    example = SyntheticVQA(MULTI_TURN, "train", size=10)[4]
+    items, info = synthetic_examples(fields, "train", 0, tokenizer, "")(4)
+    turns = tuple((t["task"], t["family"]) for t in example["turns"])
+    assert info == {"task": example["task"], "family": example["family"], "turns": turns}
+    expected = []
+    for turn in example["turns"]:
+        expected += [*tokenizer.encode(turn["answer"]).tokens, "<|im_end|>"]
+    targets = np.concatenate([x.targets for x in items if isinstance(x, Text)])
+    assert [tokenizer.id_to_token(int(t)) for t in targets if t >= 0] == expected
+    geometry = PackingGeometry((8, 8), (2, 2, 1), 0, 64)
+    _, packed = pack_batch([items], geometry, length=512, max_units=4, num_regions=64)
+    packed = np.asarray(packed[0])
+    assert [tokenizer.id_to_token(int(t)) for t in packed if t >= 0] == expected

@@ -138,14 +138,17 @@ def synthetic_examples(
     system_prompt: str,
     size: int = 2**31 - 1,
 ) -> Callable[[int], Example]:
-    """Example ``i`` of the synthetic set's ``split`` as packed-ready items."""
+    """Example ``i`` of the synthetic set's ``split`` as packed-ready items (every turn's answer
+    supervised), and its info: the first turn's ``task`` and ``family``, and ``turns``, each
+    turn's ``(task, family)``."""
     dataset = SyntheticVQA(SyntheticConfig(**dict(config), seed=seed), split=split, size=size)
 
     def example(index: int) -> Example:
         record = dataset[index % len(dataset)]
         conversation = to_conversation(record)["conversations"]
         items = example_items(conversation, [record["units"]], tokenizer, "<image>", system_prompt)
-        return items, {"task": record["task"], "family": record["family"]}
+        turns = tuple((turn["task"], turn["family"]) for turn in record["turns"])
+        return items, {"task": record["task"], "family": record["family"], "turns": turns}
 
     return example
 

@@ -18,6 +18,10 @@ Tasks (``TASKS``, by family):
 - ``video``: ``video_appear`` "what color is the object that appears in the third frame?",
   ``video_order`` "which came first, the circle or the square?".
 
+With ``turns`` > 1 an example is a conversation of several questions about one scene: the
+later turns ask about objects (in a clip, a frame's new object) that the earlier turns did not
+mention, where the scene has any left (:class:`SyntheticVQA`).
+
 Example ``i`` of a split is drawn from ``np.random.default_rng([seed, split, i])``: random access,
 deterministic, independent of the set's size. Train and eval never share a scene: one bit of a
 hash of the scene (its objects' attributes, cells and frames, before pixel jitter and noise)
@@ -26,6 +30,7 @@ names its split, and each split redraws scenes that belong to the other.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -53,6 +58,7 @@ RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": 
 SPLITS = {"train": 0, "eval": 1}
 
 _MAX_DRAWS = 64  # scenes drawn per example before giving up on landing in the split
+_MAX_TURNS = 4  # a 2-frame clip has few distinct questions
 
 
 class _Object(NamedTuple):
@@ -108,6 +114,10 @@ class SyntheticConfig:
     - ``background``: range of the background's grey level; ``noise``: std of per-pixel Gaussian
       noise; both in [0, 1] pixel units (before the mapping to [-1, 1]).
     - ``tasks``: task name (``TASKS``) → sampling weight; a weight of 0 disables the task.
+    - ``turns``: questions per example. 1: one question, its scene drawn to fit it. More: a
+      conversation about one scene (see :class:`SyntheticVQA`).
+    - ``later_tasks``: the weights of the second and later turns' tasks (None: ``tasks``); a
+      turn's task is always of the first's kind (image or video).
     - ``seed``: with the split and the index, fixes every example.
     """
 
@@ -125,6 +135,8 @@ class SyntheticConfig:
     tasks: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(TASKS, 1.0)
     )
+    turns: int = 1
+    later_tasks: Mapping[str, float] | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -149,11 +161,22 @@ class SyntheticConfig:
                 f"need 1 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects}) "
                 f"<= min(grid², {len(NUMBER_WORDS) - 1})"
             )
-        if unknown := set(self.tasks) - set(TASKS):
-            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {list(TASKS)}")
-        if min(self.tasks.values(), default=0) < 0 or sum(self.tasks.values()) <= 0:
-            raise ValueError(f"task weights must be >= 0 with a positive sum, got {self.tasks}")
+        for name, weights in (("tasks", self.tasks), ("later_tasks", self.later_weights)):
+            if unknown := set(weights) - set(TASKS):
+                raise ValueError(f"unknown {name} {sorted(unknown)}; known: {list(TASKS)}")
+            if min(weights.values(), default=0) < 0 or sum(weights.values()) <= 0:
+                raise ValueError(f"{name} weights must be >= 0 with a positive sum, got {weights}")
+        if not 1 <= self.turns <= _MAX_TURNS:
+            raise ValueError(f"turns must be in [1, {_MAX_TURNS}], got {self.turns}")
         enabled = {TASKS[name][0] for name, weight in self.tasks.items() if weight > 0}
+        if self.turns > 1:
+            later = {TASKS[name][0] for name, weight in self.later_weights.items() if weight > 0}
+            for video in {f == "video" for f in enabled} - {f == "video" for f in later}:
+                raise ValueError(
+                    f"turns > 1 needs a later_tasks task of each kind the tasks have: none is a "
+                    f"{'video' if video else 'image'} task in {dict(self.later_weights)}"
+                )
+            enabled |= later
         if "multi_region" in enabled and self.max_objects < 2:
             raise ValueError("multi_region tasks need max_objects >= 2")
         if "video" in enabled and not (
@@ -168,6 +191,11 @@ class SyntheticConfig:
             raise ValueError(f"need 0 <= background {self.background} <= 1 and noise >= 0")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def later_weights(self) -> Mapping[str, float]:
+        """The weights of the later turns' tasks: ``later_tasks``, else ``tasks``."""
+        return self.tasks if self.later_tasks is None else self.later_tasks
 
     @property
     def object_sides(self) -> dict[str, int]:
@@ -241,42 +269,88 @@ def _objects(
     return [_Object(*pairs[i], _pick(rng, SIZES), cells[i], frames[i]) for i in range(len(cells))]
 
 
+# --- Questions: the text and answer of each task about given objects ---------------------------
+
+
+def _attribute_turn(attribute: str, obj: _Object, ref: str) -> tuple[str, str]:
+    """ "what color is the circle?": ``obj``'s ``attribute`` (color, shape or size)."""
+    return f"what {attribute} is {_phrase(obj, ref)}?", getattr(obj, attribute)
+
+
+def _order_turn(objects: Sequence[_Object], ref: str) -> tuple[str, str]:
+    """ "list the shapes from left to right." (objects in distinct columns)."""
+    answer = " ".join(_word(o, ref) for o in sorted(objects, key=lambda o: o.cell[1]))
+    return f"list the {ref}s from left to right.", answer
+
+
+def _relation_turn(
+    a: _Object, ref_a: str, relation: str, b: _Object, ref_b: str
+) -> tuple[str, str]:
+    """ "is the red object left of the square?" (``a`` and ``b`` apart on the relation's axis)."""
+    axis, sign = RELATIONS[relation]
+    answer = "yes" if sign * (a.cell[axis] - b.cell[axis]) > 0 else "no"
+    return f"is {_phrase(a, ref_a)} {relation} {_phrase(b, ref_b)}?", answer
+
+
+def _compare_turn(a: _Object, b: _Object, ref: str, comparison: str) -> tuple[str, str]:
+    """ "which is larger, the circle or the square?" (``a`` and ``b`` of different sizes)."""
+    larger, smaller = (a, b) if a.size == "large" else (b, a)
+    answer = larger if comparison == "larger" else smaller
+    return f"which is {comparison}, {_phrase(a, ref)} or {_phrase(b, ref)}?", _word(answer, ref)
+
+
+def _count_turn(objects: Sequence[_Object], ref: str, value: str) -> tuple[str, str]:
+    """ "how many squares?" / "how many red objects?": the objects whose ``ref`` is ``value``."""
+    count = sum(_word(o, ref) == value for o in objects)
+    question = f"how many {PLURALS[value]}?" if ref == "shape" else f"how many {value} objects?"
+    return question, NUMBER_WORDS[count]
+
+
+def _appear_turn(objects: Sequence[_Object], frame: int, ref: str) -> tuple[str, str]:
+    """ "what color is the object that appears in the third frame?" (``frame`` >= 1)."""
+    (target,) = (o for o in objects if o.frame == frame)
+    question = f"what {ref} is the object that appears in the {ORDINALS[frame]} frame?"
+    return question, _word(target, ref)
+
+
+def _first_turn(a: _Object, b: _Object, ref: str) -> tuple[str, str]:
+    """ "which came first, the circle or the square?" (``a`` and ``b`` in different frames)."""
+    first = min(a, b, key=lambda o: o.frame)
+    return f"which came first, {_phrase(a, ref)} or {_phrase(b, ref)}?", _word(first, ref)
+
+
 def _ask_color(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
     cells = _cells(rng, config.grid, _num_objects(rng, config))
     objects = _objects(rng, config, cells, named=[(0, "shape")])
-    return _Scene(objects, f"what color is {_phrase(objects[0], 'shape')}?", objects[0].color)
+    return _Scene(objects, *_attribute_turn("color", objects[0], "shape"))
 
 
 def _ask_shape(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
     cells = _cells(rng, config.grid, _num_objects(rng, config))
     objects = _objects(rng, config, cells, named=[(0, "color")])
-    return _Scene(objects, f"what shape is {_phrase(objects[0], 'color')}?", objects[0].shape)
+    return _Scene(objects, *_attribute_turn("shape", objects[0], "color"))
 
 
 def _ask_size(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
     cells = _cells(rng, config.grid, _num_objects(rng, config))
     objects = _objects(rng, config, cells, named=[(0, "both")])
-    return _Scene(objects, f"what size is {_phrase(objects[0], 'both')}?", objects[0].size)
+    return _Scene(objects, *_attribute_turn("size", objects[0], "both"))
 
 
 def _ask_order(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
     n = _num_objects(rng, config, low=2, high=config.grid)
     objects = _objects(rng, config, _cells(rng, config.grid, n, axis=1, apart=n))
-    ref = _pick(rng, ("shape", "color"))
-    answer = " ".join(_word(o, ref) for o in sorted(objects, key=lambda o: o.cell[1]))
-    return _Scene(objects, f"list the {ref}s from left to right.", answer)
+    return _Scene(objects, *_order_turn(objects, _pick(rng, ("shape", "color"))))
 
 
 def _ask_relation(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
     relation = _pick(rng, list(RELATIONS))
-    axis, sign = RELATIONS[relation]
+    axis, _ = RELATIONS[relation]
     n = _num_objects(rng, config, low=2)
     refs = [_pick(rng, ("shape", "color")) for _ in range(2)]
     cells = _cells(rng, config.grid, n, axis=axis, apart=2)
     objects = _objects(rng, config, cells, named=list(enumerate(refs)))
-    a, b = objects[:2]
-    answer = "yes" if sign * (a.cell[axis] - b.cell[axis]) > 0 else "no"
-    return _Scene(objects, f"is {_phrase(a, refs[0])} {relation} {_phrase(b, refs[1])}?", answer)
+    return _Scene(objects, *_relation_turn(objects[0], refs[0], relation, objects[1], refs[1]))
 
 
 def _ask_compare_size(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
@@ -287,9 +361,7 @@ def _ask_compare_size(rng: np.random.Generator, config: SyntheticConfig) -> _Sce
     for i in (0, 1):
         objects[i] = objects[i]._replace(size=SIZES[int(i == large)])
     comparison = _pick(rng, ("larger", "smaller"))
-    answer = objects[large if comparison == "larger" else 1 - large]
-    question = f"which is {comparison}, {_phrase(objects[0], ref)} or {_phrase(objects[1], ref)}?"
-    return _Scene(objects, question, _word(answer, ref))
+    return _Scene(objects, *_compare_turn(objects[0], objects[1], ref, comparison))
 
 
 def _ask_count(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
@@ -306,8 +378,7 @@ def _ask_count(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
         shape = word if ref == "shape" else _pick(rng, config.shapes)
         color = word if ref == "color" else _pick(rng, config.colors)
         objects.append(_Object(shape, color, _pick(rng, SIZES), cell, 0))
-    question = f"how many {PLURALS[value]}?" if ref == "shape" else f"how many {value} objects?"
-    return _Scene(objects, question, NUMBER_WORDS[count])
+    return _Scene(objects, *_count_turn(objects, ref, value))
 
 
 def _clip_layout(
@@ -323,10 +394,7 @@ def _ask_video_appear(rng: np.random.Generator, config: SyntheticConfig) -> _Sce
     cells, frames = _clip_layout(rng, config)
     objects = _objects(rng, config, cells, frames)
     frame = int(rng.integers(1, config.video_frames))
-    target = objects[frames.index(frame)]
-    ref = _pick(rng, ("shape", "color"))
-    question = f"what {ref} is the object that appears in the {ORDINALS[frame]} frame?"
-    return _Scene(objects, question, _word(target, ref))
+    return _Scene(objects, *_appear_turn(objects, frame, _pick(rng, ("shape", "color"))))
 
 
 def _ask_video_order(rng: np.random.Generator, config: SyntheticConfig) -> _Scene:
@@ -339,8 +407,7 @@ def _ask_video_order(rng: np.random.Generator, config: SyntheticConfig) -> _Scen
     ref = _pick(rng, ("shape", "color"))
     objects = _objects(rng, config, cells, frames, named=[(i, ref) for i in named])
     a, b = (objects[i] for i in named)
-    question = f"which came first, {_phrase(a, ref)} or {_phrase(b, ref)}?"
-    return _Scene(objects, question, _word(min(a, b, key=lambda o: o.frame), ref))
+    return _Scene(objects, *_first_turn(a, b, ref))
 
 
 TASKS: dict[str, tuple[str, Callable[[np.random.Generator, SyntheticConfig], _Scene]]] = {
@@ -355,6 +422,188 @@ TASKS: dict[str, tuple[str, Callable[[np.random.Generator, SyntheticConfig], _Sc
     "video_order": ("video", _ask_video_order),
 }
 """Task name → (family, scene builder)."""
+
+
+# --- Conversations: several questions about one scene ------------------------------------------
+
+
+class _Turn(NamedTuple):
+    question: str
+    answer: str
+    mentioned: tuple[_Object, ...]  # the objects the question is about
+
+
+_About = Callable[[np.random.Generator, Sequence[_Object], Sequence[_Object]], _Turn | None]
+"""``ask(rng, objects, subjects)``: a question about ``objects`` (a drawn scene) whose subject is
+one of ``subjects`` (or, for two-object questions, at least one of the pair is), or None when the
+scene offers none."""
+
+_REFS = ("shape", "color")
+
+
+def _unique(objects: Sequence[_Object], ref: str) -> list[_Object]:
+    """The objects that a phrase of kind ``ref`` names unambiguously in ``objects``."""
+    keys = collections.Counter(_key(ref, o.shape, o.color) for o in objects)
+    return [o for o in objects if keys[_key(ref, o.shape, o.color)] == 1]
+
+
+def _named(objects: Sequence[_Object]) -> dict[str, list[_Object]]:
+    """Ref ("shape", "color") → the objects a phrase of that kind names unambiguously."""
+    return {ref: _unique(objects, ref) for ref in _REFS}
+
+
+def _pairs(
+    objects: Sequence[_Object], subjects: Sequence[_Object], ok: Callable[[_Object, _Object], bool]
+) -> list[tuple[_Object, _Object]]:
+    """Pairs of distinct objects with ``ok(a, b)`` of which at least one is a subject."""
+    return [
+        (a, b)
+        for a in objects
+        for b in objects
+        if a != b and (a in subjects or b in subjects) and ok(a, b)
+    ]
+
+
+def _about_attribute(attribute: str, ref: str) -> _About:
+    def ask(rng, objects, subjects):
+        options = [o for o in _unique(objects, ref) if o in subjects]
+        if not options:
+            return None
+        obj = _pick(rng, options)
+        return _Turn(*_attribute_turn(attribute, obj, ref), (obj,))
+
+    return ask
+
+
+def _about_order(rng, objects, subjects):
+    if len(objects) < 2 or len({o.cell[1] for o in objects}) < len(objects):
+        return None
+    return _Turn(*_order_turn(objects, _pick(rng, _REFS)), tuple(objects))
+
+
+def _about_relation(rng, objects, subjects):
+    named = _named(objects)
+    refs = {o: [r for r in _REFS if o in named[r]] for o in objects}
+    pairs = _pairs(objects, subjects, lambda a, b: bool(refs[a] and refs[b]))
+    if not pairs:
+        return None
+    a, b = _pick(rng, pairs)
+    ref_a, ref_b = _pick(rng, refs[a]), _pick(rng, refs[b])
+    relation = _pick(rng, [r for r, (axis, _) in RELATIONS.items() if a.cell[axis] != b.cell[axis]])
+    return _Turn(*_relation_turn(a, ref_a, relation, b, ref_b), (a, b))
+
+
+def _shared_refs(named: dict[str, list[_Object]], a: _Object, b: _Object) -> list[str]:
+    return [r for r in _REFS if a in named[r] and b in named[r]]
+
+
+def _about_named_pair(
+    differ: Callable[[_Object, _Object], bool],
+    ask: Callable[[np.random.Generator, _Object, _Object, str], tuple[str, str]],
+) -> _About:
+    """Questions ``ask(rng, a, b, ref)`` about two objects that ``differ``, both named by one
+    kind of phrase ``ref``."""
+
+    def about(rng, objects, subjects):
+        named = _named(objects)
+        pairs = _pairs(objects, subjects, lambda a, b: differ(a, b) and _shared_refs(named, a, b))
+        if not pairs:
+            return None
+        a, b = _pick(rng, pairs)
+        return _Turn(*ask(rng, a, b, _pick(rng, _shared_refs(named, a, b))), (a, b))
+
+    return about
+
+
+def _about_count(rng, objects, subjects):
+    ref = _pick(rng, _REFS)
+    value = _word(_pick(rng, subjects), ref)
+    counted = tuple(o for o in objects if _word(o, ref) == value)
+    return _Turn(*_count_turn(objects, ref, value), counted)
+
+
+def _about_video_appear(rng, objects, subjects):
+    options = [o for o in subjects if o.frame > 0]
+    if not options:
+        return None
+    target = _pick(rng, options)
+    return _Turn(*_appear_turn(objects, target.frame, _pick(rng, _REFS)), (target,))
+
+
+_ABOUT: dict[str, _About] = {
+    "color": _about_attribute("color", "shape"),
+    "shape": _about_attribute("shape", "color"),
+    "size": _about_attribute("size", "both"),
+    "order": _about_order,
+    "relation": _about_relation,
+    "compare_size": _about_named_pair(
+        lambda a, b: a.size != b.size,
+        lambda rng, a, b, ref: _compare_turn(a, b, ref, _pick(rng, ("larger", "smaller"))),
+    ),
+    "count": _about_count,
+    "video_appear": _about_video_appear,
+    "video_order": _about_named_pair(
+        lambda a, b: a.frame != b.frame, lambda rng, a, b, ref: _first_turn(a, b, ref)
+    ),
+}
+"""Task name → a question of that task about a drawn scene (the conversations' turns)."""
+
+
+def _conversation(
+    rng: np.random.Generator,
+    config: SyntheticConfig,
+    first: str,
+    later: Sequence[str],
+    later_probs: np.ndarray,
+) -> tuple[list[_Object], list[tuple[str, _Turn]]] | None:
+    """A scene and ``config.turns`` (task, turn) pairs about it, or None if it offers too few.
+
+    The scene is drawn first (an image of at least two objects, in distinct columns when the
+    first task is order, or a clip for a video task), then
+    the first question (task ``first``); each later turn's task is drawn from ``later`` (weights
+    ``later_probs``, without repeats until one fits) about an object no earlier turn mentioned,
+    and only when no task can be, about any object; a question is never asked twice.
+    """
+    if TASKS[first][0] == "video":
+        cells, frames = _clip_layout(rng, config)
+        objects = _objects(rng, config, cells, frames)
+    elif first == "order":  # as its scene builder: in distinct columns
+        n = _num_objects(rng, config, low=2, high=config.grid)
+        objects = _objects(rng, config, _cells(rng, config.grid, n, axis=1, apart=n))
+    else:
+        objects = _objects(rng, config, _cells(rng, config.grid, _num_objects(rng, config, low=2)))
+    turn = _ABOUT[first](rng, objects, objects)
+    if turn is None:
+        return None
+    turns = [(first, turn)]
+    mentioned = set(turn.mentioned)
+    for _ in range(config.turns - 1):
+        order = [later[i] for i in rng.choice(len(later), len(later), replace=False, p=later_probs)]
+        asked = {t.question for _, t in turns}
+        fresh = [o for o in objects if o not in mentioned]
+        found = (fresh and _later_turn(rng, objects, fresh, order, asked)) or _later_turn(
+            rng, objects, objects, order, asked
+        )
+        if found is None:
+            return None
+        turns.append(found)
+        mentioned.update(found[1].mentioned)
+    return objects, turns
+
+
+def _later_turn(
+    rng: np.random.Generator,
+    objects: Sequence[_Object],
+    subjects: Sequence[_Object],
+    tasks: Sequence[str],
+    asked: set[str],
+) -> tuple[str, _Turn] | None:
+    """The first of ``tasks`` that asks a new question about one of ``subjects``."""
+    for task in tasks:
+        turn = _ABOUT[task](rng, objects, subjects)
+        if turn is not None and turn.question not in asked:
+            return task, turn
+    return None
 
 
 # --- Rendering ---------------------------------------------------------------------------------
@@ -423,11 +672,21 @@ class SyntheticVQA:
 
     - ``units``: float32 [U, H, W, 3] in [-1, 1] (SigLIP normalisation); U = 1 for an image,
       ``video_frames`` for a clip.
-    - ``kind``: "image" | "video"; ``task``: a name in ``TASKS``; ``family``: its family.
-    - ``question``, ``answer``: lower-case text; the answer is one or a few words.
+    - ``kind``: "image" | "video".
+    - ``turns``: tuple of ``config.turns`` dicts ``{"question", "answer", "task", "family"}``:
+      lower-case text, the answer one or a few words, ``task`` a name in ``TASKS``, ``family``
+      its family. ``question``, ``answer``, ``task``, ``family``: the first turn's.
     - ``objects``: tuple of dicts ``{"shape", "color", "size", "bbox": (y0, x0, y1, x1) pixels,
       end-exclusive, "frame": index of the first frame it is in}``, in raster order of cells.
       Questions count frames from one: "the third frame" is frame 2.
+
+    With ``config.turns`` = 1 the scene is drawn to fit its one question (so counts are uniform,
+    named objects unique). With more, it is a conversation: a scene of at least two objects (or
+    a clip) is drawn first, then the first turn's task (by ``tasks``) asks about it, and each
+    later turn (tasks by ``later_tasks``, of the first's kind) asks about an object, or a frame's
+    new object, that no earlier turn mentioned where the scene allows, else about any; some
+    need two or more regions (order, relation, compare_size, count, video_order). No question
+    is asked twice in a conversation.
     """
 
     def __init__(self, config: SyntheticConfig, split: str = "train", *, size: int):
@@ -438,15 +697,31 @@ class SyntheticVQA:
         self.config = config
         self.split = split
         self._size = size
-        self._tasks = [name for name, weight in config.tasks.items() if weight > 0]
-        weights = np.array([config.tasks[name] for name in self._tasks], np.float64)
-        self._probs = weights / weights.sum()
+        self._tasks, self._probs = _weighted(config.tasks)
+        self._later = {
+            video: _weighted(
+                {t: w for t, w in config.later_weights.items() if (TASKS[t][0] == "video") == video}
+            )
+            for video in (False, True)
+        }
 
     def __len__(self) -> int:
         return self._size
 
     def __repr__(self) -> str:
         return f"SyntheticVQA(split={self.split!r}, size={self._size}, config={self.config})"
+
+    def _draw(self, rng: np.random.Generator, task: str) -> tuple[list, list] | None:
+        """A scene's objects and its ``(task, question, answer)`` turns, or None (redraw)."""
+        if self.config.turns == 1:
+            scene = TASKS[task][1](rng, self.config)
+            return scene.objects, [(task, scene.question, scene.answer)]
+        later = self._later[TASKS[task][0] == "video"]
+        drawn = _conversation(rng, self.config, task, *later)
+        if drawn is None:
+            return None
+        objects, turns = drawn
+        return objects, [(name, turn.question, turn.answer) for name, turn in turns]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = operator.index(index)
@@ -455,26 +730,26 @@ class SyntheticVQA:
         split = SPLITS[self.split]
         rng = np.random.default_rng([self.config.seed, split, index])
         task = self._tasks[int(rng.choice(len(self._tasks), p=self._probs))]
-        family, build = TASKS[task]
         for _ in range(_MAX_DRAWS):
-            scene = build(rng, self.config)
-            if _split_of(scene.objects) == split:
+            drawn = self._draw(rng, task)
+            if drawn is not None and _split_of(drawn[0]) == split:
                 break
         else:
             raise RuntimeError(
                 f"no {self.split} scene for task {task!r} in {_MAX_DRAWS} draws: "
                 "the config allows too few distinct scenes"
             )
-        objects = sorted(scene.objects, key=lambda o: o.cell)
-        num_frames = self.config.video_frames if family == "video" else 1
-        units, boxes = _render(rng, self.config, objects, num_frames)
+        objects = sorted(drawn[0], key=lambda o: o.cell)
+        video = TASKS[task][0] == "video"
+        units, boxes = _render(rng, self.config, objects, self.config.video_frames if video else 1)
+        turns = tuple(
+            {"question": q, "answer": a, "task": t, "family": TASKS[t][0]} for t, q, a in drawn[1]
+        )
         return {
             "units": units,
-            "kind": "video" if family == "video" else "image",
-            "question": scene.question,
-            "answer": scene.answer,
-            "task": task,
-            "family": family,
+            "kind": "video" if video else "image",
+            **turns[0],
+            "turns": turns,
             "objects": tuple(
                 {"shape": o.shape, "color": o.color, "size": o.size, "bbox": box, "frame": o.frame}
                 for o, box in zip(objects, boxes, strict=True)
@@ -482,15 +757,26 @@ class SyntheticVQA:
         }
 
 
-def to_conversation(example: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]:
-    """The example's text as a LLaVA / Cambrian record, ``{"conversations": [human, gpt]}``.
+def _weighted(weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+    """The tasks of positive weight, and their probabilities."""
+    names = [name for name, weight in weights.items() if weight > 0]
+    values = np.array([weights[name] for name in names], np.float64)
+    return names, values / max(values.sum(), 1e-300)
 
-    One ``<image>`` placeholder stands for all the example's units, image or clip, as in
-    Cambrian-S's video data: the loader expands it into ``example["units"]``, frame by frame.
+
+def to_conversation(example: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """The example's text as a LLaVA / Cambrian record, ``{"conversations": [human, gpt, ...]}``
+    (a human and a gpt turn per question).
+
+    One ``<image>`` placeholder, in the first human turn, stands for all the example's units,
+    image or clip, as in Cambrian-S's video data: the loader expands it into
+    ``example["units"]``, frame by frame.
     """
-    return {
-        "conversations": [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{example['question']}"},
-            {"from": "gpt", "value": example["answer"]},
+    conversations = []
+    for index, turn in enumerate(example["turns"]):
+        question = f"{IMAGE_TOKEN}\n{turn['question']}" if index == 0 else turn["question"]
+        conversations += [
+            {"from": "human", "value": question},
+            {"from": "gpt", "value": turn["answer"]},
         ]
-    }
+    return {"conversations": conversations}
