@@ -2,9 +2,9 @@ r"""Evaluate a trained workdir: a jitted sweep over methods × KV budgets × ben
 
     python -m gazejax.evaluate --workdir runs/gaze \
         [--methods dense,gaze,dense_reduced,evict_question] [--budgets 0.11,0.22,0.44] \
-        [--examples 288] [--benchmarks synthetic,jsonl:PATH[:NAME]] [--batch-size 16] \
-        [--image-root DIR] [--video-root DIR] [--max-frames 8] [--fps 1] [--jsonl-limit N] \
-        [--mesh sequence=8] [--out runs/gaze/eval]
+        [--examples 288] [--benchmarks synthetic,jsonl:PATH[:NAME]] [--turns 3] \
+        [--batch-size 16] [--image-root DIR] [--video-root DIR] [--max-frames 8] [--fps 1] \
+        [--jsonl-limit N] [--mesh sequence=8] [--out runs/gaze/eval]
 
 writes ``OUT/results.json`` (DESIGN.md §6: one record per method, budget and benchmark),
 ``OUT/results.md`` (a table) and ``OUT/score_vs_kv.png`` (score against visual KV fraction).
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         help="fractions of a sample's visual KV entries (gaze: K = round(f * regions))",
     )
     parser.add_argument("--examples", type=int, default=288, help="examples per benchmark")
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=None,
+        help="questions per synthetic conversation, each scored with the earlier ones in "
+        "context (default: the workdir's data.synthetic.turns, else 1)",
+    )
     parser.add_argument(
         "--benchmarks",
         default="synthetic",
@@ -111,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fps=args.fps,
             jsonl_limit=args.jsonl_limit,
             mesh=mesh,
+            turns=args.turns,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

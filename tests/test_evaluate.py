@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from gazejax import evaluate as evaluate_cli
 from gazejax.data.images import read_image
-from gazejax.data.packing import pack_batch
+from gazejax.data.packing import Text, pack_batch
 from gazejax.data.pipeline import example_items
 from gazejax.data.records import DataError
 from gazejax.data.vocab import build_tokenizer
@@ -23,7 +24,7 @@ from gazejax.eval.methods import make_method, parse_methods
 from gazejax.eval.methods.dense_reduced import pool_tokens, pool_window
 from gazejax.eval.methods.evict_question import evict_masks
 from gazejax.eval.methods.gaze import gaze_top_k
-from gazejax.eval.scoring import FAMILIES
+from gazejax.eval.scoring import FAMILIES, answer_turns
 from gazejax.eval.sweep import sweep
 from gazejax.inference import load_checkpoint, with_attention
 from gazejax.models.from_config import multimodal_config
@@ -72,13 +73,20 @@ def test_budget_conversions():
 
 
 def test_cli_writes_results(workdir, tmp_path):
+    """Conversations of 2 turns (9, one per first task): every answer scored, per turn."""
     out = tmp_path / "eval"
-    argv = ["--workdir", str(workdir), "--methods", "dense,gaze,evict_question"]
+    argv = ["--workdir", str(workdir), "--methods", "dense,gaze,evict_question", "--turns", "2"]
     argv += ["--budgets", "0.25,1", "--examples", "9", "--out", str(out), "--no-progress"]
     assert evaluate_cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert (out / "results.md").read_text().count("| gaze@") == 2
-    assert (out / "score_vs_kv.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert table.count("| gaze@") == 2 * 3  # overall, by turn, turns >= 2
+    assert "### synthetic by turn (exact match, %)" in table
+    png = (out / "score_vs_kv.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(out / "score_vs_kv.png") as image:
+        image.verify()
+    assert results["benchmarks"]["synthetic"]["turns"] == 2
     records = {r["label"]: r for r in results["records"]}
     assert list(records) == [
         "dense",
@@ -89,9 +97,13 @@ def test_cli_writes_results(workdir, tmp_path):
     ]
     for r in records.values():
         assert all(key in r for key in SCHEMA), r
-        assert r["benchmark"] == "synthetic" and r["num_examples"] == 9
+        assert r["benchmark"] == "synthetic" and r["num_examples"] == 18
         assert set(r["by_family"]) == set(FAMILIES)
         assert len(r["by_task"]) == 9 and r["seconds"] > 0
+        assert {t: x["num_examples"] for t, x in r["by_turn"].items()} == {"1": 9, "2": 9}
+        assert r["later_turns"]["num_examples"] == 9
+        p = r["score"]
+        assert r["stderr"] == pytest.approx(np.sqrt(p * (1 - p) / 18))
     dense = records["dense"]
     assert dense["visual_kv_fraction"] == 1.0 and dense["context_kv"] > 0
     # Image: 4 regions of 4 tokens; video: 2 frames, 8 regions.
@@ -99,21 +111,30 @@ def test_cli_writes_results(workdir, tmp_path):
     assert records["gaze@1"]["top_k"] == {"image": 4, "video": 8}
     for label in ("gaze@0.25", "evict_question@0.25"):
         assert records[label]["visual_kv_fraction"] == pytest.approx(0.25)
-    for label in ("gaze@1", "evict_question@1"):
+    for label in ("gaze@1", "evict_question@1"):  # per turn, every method at full budget = dense
         assert records[label]["score"] == dense["score"]
         assert records[label]["by_task"] == dense["by_task"]
+        for t in ("1", "2"):
+            got, want = records[label]["by_turn"][t], dense["by_turn"][t]
+            assert got["score"] == want["score"]
+            assert {f: x["score"] for f, x in got["by_family"].items()} == {
+                f: x["score"] for f, x in want["by_family"].items()
+            }
 
     # Deterministic: the same examples and scores again.
     checkpoint = load_checkpoint(workdir)
     raw = json.loads((workdir / "config.json").read_text())
-    again = sweep(checkpoint, raw, [make_method("dense")], 9, progress=False)["records"][0]
+    again = sweep(checkpoint, raw, [make_method("dense")], 9, progress=False, turns=2)
+    again = again["records"][0]
     assert again["by_task"] == dense["by_task"] and again["kv_size"] == dense["kv_size"]
 
 
 def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
+    """On 2-turn conversations: at full budget every method's logits equal dense at every
+    answer of every turn; eviction happens once, at the end of the first question's prefill."""
     checkpoint = load_checkpoint(workdir)
     raw = json.loads((workdir / "config.json").read_text())
-    examples, _ = synthetic_benchmark(raw, checkpoint.tokenizer, 9)
+    examples, _ = synthetic_benchmark(raw, checkpoint.tokenizer, 9, turns=2)
     video = [e for e in examples if e.bucket == "video"]
     base, params = checkpoint.config, checkpoint.params
     runner = {
@@ -150,8 +171,36 @@ def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
 
     # Every layer keeps round(0.1 * 32) = 3 visual entries per sample, chosen per layer.
     model = MultimodalModel(dense_cfg)
-    _, kept = jax.jit(lambda p, i, t: evict_masks(model, p, i, t, 0.1))(params, inputs, targets)
-    np.testing.assert_array_equal(np.asarray(kept).sum(-1), 3)
+    masks_of = jax.jit(lambda p, i, t: evict_masks(model, p, i, t, 0.1))
+    masks, kept = (np.asarray(x) for x in masks_of(params, inputs, targets))
+    np.testing.assert_array_equal(kept.sum(-1), 3)
+
+    # Evicted once: the same entries are kept when the conversation stops after its first
+    # answer, and every later query (turn 1's answer, turn 2's question and answer) sees
+    # exactly those visual entries.
+    first_turn = [_first_turn_only(e.items) for e in video]
+    short, short_targets = pack_batch(first_turn, dense_cfg.geometry, *shape)
+    _, kept_first = (np.asarray(x) for x in masks_of(params, short, short_targets))
+    np.testing.assert_array_equal(kept_first, kept)
+    turn = np.asarray(answer_turns(targets))
+    assert (turn == 1).any(-1).all()  # every sample has its second answer
+    visual = np.asarray(meta.kind) == TokenKind.VISUAL
+    for b in range(len(video)):
+        later = np.asarray(meta.position[b]) >= first[b]
+        assert later.sum() > (turn[b] >= 0).sum()  # turn 2's question too
+        seen = masks[:, b][:, later][..., visual[b]]  # [layers, later queries, visual]
+        np.testing.assert_array_equal(
+            seen, np.broadcast_to(kept[:, b, None][..., visual[b]], seen.shape)
+        )
+
+
+def _first_turn_only(items: list) -> list:
+    """A packed conversation cut after its first answer's ``<|im_end|>``."""
+    *head, text = items
+    supervised = np.asarray(text.targets) >= 0
+    start = int(np.argmax(supervised))
+    end = start + int(np.argmin(supervised[start:]))  # the answer's <|im_end|>
+    return [*head, Text(text.ids[: end + 1], text.targets[: end + 1])]
 
 
 # --- Generic JSONL benchmarks ------------------------------------------------------------------

@@ -15,13 +15,17 @@ from gazejax.models.mllm import MultimodalConfig
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One scored sequence. A multiple-choice question is one Example per option (``group``:
-    the question's index in its benchmark, ``option``: the option's; -1 when not a choice).
+    """One scored sequence: a question, or a conversation of several (each answer scored with
+    the earlier turns, their reference answers, in context). A multiple-choice question is one
+    Example per option (``group``: the question's index in its benchmark, ``option``: the
+    option's; -1 when not a choice).
 
     Attributes:
-      items: the packed conversation (text spans and visuals), the answer supervised.
-      task, family: the breakdowns of the results (``by_task``, ``by_family``).
+      items: the packed conversation (text spans and visuals), every answer supervised.
+      task, family: the breakdowns of the results (``by_task``, ``by_family``) of the first
+        answer.
       bucket: examples of one bucket are packed to one shape (one compilation per method).
+      later_turns: ``(task, family)`` of the second and later answers, in order.
     """
 
     items: list
@@ -30,6 +34,12 @@ class Example:
     bucket: str
     group: int = -1
     option: int = -1
+    later_turns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def turns(self) -> tuple[tuple[str, str], ...]:
+        """``(task, family)`` of every answer, in order."""
+        return ((self.task, self.family), *self.later_turns)
 
 
 def batch_shape(config: MultimodalConfig, examples: Sequence[Example]) -> tuple[int, int, int]:

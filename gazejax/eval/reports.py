@@ -1,12 +1,16 @@
-"""Reports of a sweep's ``results.json`` content: ``results.md`` (Markdown tables) and
-``score_vs_kv.png`` (score against visual KV fraction, per method)."""
+"""Reports of a sweep's ``results.json`` content: ``results.md`` (Markdown tables, scores ±
+one standard error) and ``score_vs_kv.png`` (score against visual KV fraction, per method,
+with error bars; matplotlib)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from gazejax.eval.methods import METHODS
 from gazejax.eval.scoring import FAMILIES
@@ -27,102 +31,135 @@ METRIC_NAMES = {
 
 def markdown_table(results: dict) -> str:
     """One section per benchmark and metric: rows method@budget; columns KV %, the score and
-    the families (synthetic: its four task families; others: the visual kinds present)."""
+    the families (synthetic: its four task families; others: the visual kinds present), each
+    score ± one standard error. Synthetic conversations add a section by turn, and one of the
+    later turns (all but the first) by family."""
     lines = []
     for benchmark in results["benchmarks"]:
         records = [r for r in results["records"] if r["benchmark"] == benchmark]
         if benchmark == "synthetic":
-            columns = [(f, f.replace("_", "-")) for f in FAMILIES]
-            lines += _section(f"{benchmark} (exact match, %)", records, "overall", columns)
+            lines += _section(f"{benchmark} (exact match, %)", records, "overall", _families())
+            turns = sorted({t for r in records for t in r["by_turn"]}, key=int)
+            if len(turns) > 1:
+                columns = [(f"turn {t}", _part("by_turn", t)) for t in turns]
+                columns.append(("turns ≥ 2", _part("later_turns")))
+                lines += _section(f"{benchmark} by turn (exact match, %)", records, "all", columns)
+                title = f"{benchmark}, turns ≥ 2 (exact match, %)"
+                lines += _section(title, records, "later", _families("later_turns"), "later_turns")
             continue
         for metric in dict.fromkeys(r["metric"] for r in records):
             chosen = [r for r in records if r["metric"] == metric]
             kinds = dict.fromkeys(k for r in chosen for k in r["by_family"])
             title = f"{benchmark} ({METRIC_NAMES.get(metric, metric)}, %)"
-            lines += _section(title, chosen, "score", [(k, k) for k in kinds])
+            columns = [(k, _part("by_family", k)) for k in kinds]
+            lines += _section(title, chosen, "score", columns)
     if results["notes"]:
         lines += [*(f"- {n}" for n in results["notes"]), ""]
     return "\n".join(lines)
 
 
+Column = tuple[str, Callable[[dict], "dict | None"]]
+"""A table column: its header, and the stats (``score``, ``stderr``) it shows of a record."""
+
+
+def _part(*path: str) -> Callable[[dict], dict | None]:
+    """The stats at ``path`` in a record (``("by_turn", "2")``), None where absent."""
+
+    def get(stats: dict) -> dict | None:
+        for key in path:
+            stats = stats.get(key) if stats is not None else None
+        return stats
+
+    return get
+
+
+def _families(*path: str) -> list[Column]:
+    """The synthetic families' columns, of the record's part at ``path``."""
+    return [(f.replace("_", "-"), _part(*path, "by_family", f)) for f in FAMILIES]
+
+
+def _score(stats: dict | None) -> str:
+    """``"52.4 ± 3.0"`` (percent), or ``"–"`` for no stats."""
+    if stats is None:
+        return "–"
+    stderr = stats.get("stderr")
+    return f"{100 * stats['score']:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
+
 def _section(
-    title: str, records: list[dict], score: str, columns: list[tuple[str, str]]
+    title: str, records: list[dict], score: str, columns: list[Column], *overall: str
 ) -> list[str]:
-    """A table of ``records``: ``columns`` are ``(by_family key, header)`` pairs."""
+    """A table of ``records``: their score at ``overall`` (a path; the record itself by
+    default), headed ``score``, and the ``columns``."""
     lines = [
         f"### {title}",
         "",
         f"| method | visual KV % | KV % (+ctx) | {score} | "
-        + "".join(f"{header} | " for _, header in columns)
-        + "examples | s |",
+        + "".join(f"{header} | " for header, _ in columns)
+        + "answers | s |",
         "|---|---:|---:|---:|" + "---:|" * len(columns) + "---:|---:|",
     ]
     for r in records:
-        cells = [
-            f"{100 * r['by_family'][key]['score']:.1f}" if key in r["by_family"] else "–"
-            for key, _ in columns
-        ]
+        total = _part(*overall)(r)
         lines.append(
             f"| {r['label']} | {100 * r['visual_kv_fraction']:.1f} | "
-            f"{100 * r['kv_fraction']:.1f} | {100 * r['score']:.1f} | "
-            + "".join(f"{x} | " for x in cells)
-            + f"{r['num_examples']} | {r['seconds']:.0f} |"
+            f"{100 * r['kv_fraction']:.1f} | {_score(total)} | "
+            + "".join(f"{_score(get(r))} | " for _, get in columns)
+            + f"{total['num_examples'] if total else 0} | {r['seconds']:.0f} |"
         )
     lines.append("")
     return lines
 
 
 def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
-    """Score against visual KV fraction per method: overall, then one panel per family (a
-    JSONL benchmark: its first metric)."""
+    """Score (%) against visual KV read (% of dense) per method, error bars ± one standard
+    error: overall and one panel per family, and in conversations a second row, one panel per
+    turn (a JSONL benchmark: its first metric). Matplotlib, Agg backend."""
     records = [r for r in results["records"] if r["benchmark"] == benchmark]
     records = [r for r in records if r["metric"] == records[0]["metric"]] if records else []
     families = [*FAMILIES, *dict.fromkeys(f for r in records for f in r["by_family"])]
     families = [f for f in dict.fromkeys(families) if any(f in r["by_family"] for r in records)]
-    panels = ["overall", *families]
-    pw, ph, margin = 300, 240, 40
-    legend_h = 24
-    width = len(panels) * (pw + margin) + margin
-    image = Image.new("RGB", (width, ph + 2 * margin + legend_h), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    for p, panel in enumerate(panels):
-        x0, y0 = margin + p * (pw + margin), margin
-        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(0, 0, 0))
-        draw.text((x0, y0 - 16), panel, fill=(0, 0, 0), font=font)
-        for t in (0.0, 0.5, 1.0):
-            draw.text((x0 + t * pw - 8, y0 + ph + 4), f"{t:g}", fill=(0, 0, 0), font=font)
-            draw.text((x0 - 24, y0 + ph - t * ph - 6), f"{t:g}", fill=(0, 0, 0), font=font)
-        by_method: dict[str, list] = {}
-        for r in records:
-            s = r if panel == "overall" else r["by_family"].get(panel)
-            if s is not None:
-                by_method.setdefault(r["method"], []).append((s["visual_kv_fraction"], s["score"]))
-        # Dense as a dotted reference level; later methods' markers smaller (overlaps show).
-        for _, y in by_method.get("dense", [])[:1]:
-            level = y0 + ph - min(max(y, 0), 1) * ph
-            for x in range(x0, x0 + pw, 6):
-                draw.line([(x, level), (x + 2, level)], fill=_color("dense"))
-        for order, (name, points) in enumerate(by_method.items()):
-            xy = [
-                (x0 + min(max(x, 0), 1) * pw, y0 + ph - min(max(y, 0), 1) * ph)
-                for x, y in sorted(points)
-            ]
-            color = _color(name)
-            if len(xy) > 1:
-                draw.line(xy, fill=color, width=2)
-            radius = max(6 - order, 2)
-            for x, y in xy:
-                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
+    rows = [[("overall", None, None)] + [(f.replace("_", "-"), "by_family", f) for f in families]]
+    turns = sorted({t for r in records for t in r.get("by_turn", {})}, key=int)
+    if len(turns) > 1:
+        rows.append([(f"turn {t}", "by_turn", t) for t in turns])
+    ncols = max(len(row) for row in rows)
+    figure = Figure(figsize=(3.4 * ncols, 3.2 * len(rows) + 0.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), ncols, squeeze=False, sharex=True, sharey=True)
     metric = METRIC_NAMES.get(records[0]["metric"], "score") if records else "score"
-    draw.text((margin, ph + margin + 18), f"x: visual KV fraction   y: {metric}", fill=(0, 0, 0))
-    x = width // 3
-    for name in dict.fromkeys(r["method"] for r in records):
-        color = _color(name)
-        draw.rectangle([x, ph + margin + 20, x + 10, ph + margin + 30], fill=color)
-        draw.text((x + 14, ph + margin + 18), name, fill=color, font=font)
-        x += 14 + 7 * len(name) + 16
-    image.save(path)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    for row, panels in zip(axes, rows, strict=True):
+        for ax in row[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (title, breakdown, key) in zip(row, panels, strict=False):
+            for name in methods:
+                stats = [
+                    r if breakdown is None else r[breakdown][key]
+                    for r in records
+                    if r["method"] == name and (breakdown is None or key in r[breakdown])
+                ]
+                if not stats:
+                    continue
+                points = sorted(
+                    (s["visual_kv_fraction"], s["score"], s.get("stderr", 0.0)) for s in stats
+                )
+                x, y, err = 100 * np.array(points).T
+                color = tuple(c / 255 for c in _color(name))
+                ax.errorbar(x, y, yerr=err, color=color, marker="o", capsize=3, label=name)
+                if name == "dense":
+                    ax.axhline(y[0], color=color, linestyle=":", linewidth=1)
+            ax.set_title(title)
+            ax.set_xlim(0, 105)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("visual KV read (% of dense)")
+        row[0].set_ylabel(f"{metric} (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=len(handles))
+    figure.suptitle(f"{benchmark}: {metric} vs visual KV (error bars: ± 1 standard error)")
+    figure.savefig(path, dpi=110)
 
 
 def write_reports(results: dict, out: str) -> None:

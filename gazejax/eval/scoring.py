@@ -4,12 +4,15 @@ is right (:func:`gazejax.losses.answer_exact_match`); its summed log-probability
 (:func:`gazejax.losses.answer_loglik`) ranks the options of a multiple-choice question. Each
 (method, budget, bucket shape) compiles once. The *answer queries* are the slots that carry a
 target: the last prompt token (``assistant\\n``, which predicts the first answer token) and the
-answer tokens.
+answer tokens. A conversation's answers (turns) are the runs of consecutive answer queries, each
+scored on its own (:func:`answer_turns`), with the earlier turns, questions and reference
+answers, in context: the model's teacher-forced answers.
 
 A record of ``results.json`` (DESIGN.md §6) reports the score beside the KV entries one answer
 query reads: ``visual_kv`` (by the method), ``context_kv`` (``|C|`` per unit), ``kv_size`` =
 visual + context, ``dense_kv_size`` (every visual token of the uncompressed grid), and their
-fractions, overall and per family.
+fractions, overall, per family and per turn (1 = the first answer), each score with its
+standard error ``sqrt(p (1 - p) / n)`` over its ``n`` answers (``stderr``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gazejax.eval.methods.base import Runner
@@ -31,25 +35,45 @@ SCORING = (
 """``results.json``'s ``scoring``."""
 
 
+def answer_turns(targets: jax.Array) -> jax.Array:
+    """int32 ``[batch, length]``: which answer (0 = the first) a slot's target belongs to, -1
+    where there is none. An answer is a run of consecutive slots with a target (``targets``:
+    int32 ``[batch, length]``, -1 = none); the template puts unsupervised slots between two."""
+    supervised = targets >= 0
+    starts = supervised & ~jnp.pad(supervised[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where(supervised, jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1, -1)
+
+
 def jitted_scores(runner: Runner) -> Callable:
-    """``(params, inputs, targets, top_k) -> (exact bool [batch], loglik float32 [batch])``,
-    jitted (``top_k`` static)."""
+    """``(params, inputs, targets, top_k, turns) -> (exact bool, loglik float32, answered bool)``,
+    each ``[batch, turns]`` (per answer, in order; ``answered``: the sample has that answer),
+    jitted (``top_k`` and ``turns`` static)."""
 
-    def scores(params, inputs, targets, top_k):
+    def scores(params, inputs, targets, top_k, turns):
         logits = runner.logits(params, inputs, targets, top_k)
-        return answer_exact_match(logits, targets), answer_loglik(logits, targets)
+        turn = answer_turns(targets)
+        exact, loglik, answered = [], [], []
+        for t in range(turns):
+            chosen = jnp.where(turn == t, targets, -1)
+            exact.append(answer_exact_match(logits, chosen))
+            loglik.append(answer_loglik(logits, chosen))
+            answered.append((turn == t).any(-1))
+        answered.append((turn >= turns).any(-1))  # more answers than expected
+        return jnp.stack(exact, -1), jnp.stack(loglik, -1), jnp.stack(answered, -1)
 
-    return jax.jit(scores, static_argnums=(3,))
+    return jax.jit(scores, static_argnums=(3, 4))
 
 
 def summarize(exact, visual, context, dense) -> dict:
-    """Score and KV sizes of per-example arrays (``[n]`` each)."""
+    """Score, its standard error and KV sizes of per-answer arrays (``[n]`` each)."""
     exact, visual, context, dense = (
         np.asarray(x, np.float64) for x in (exact, visual, context, dense)
     )
     dense_safe = np.maximum(dense, 1.0)
+    score = float(exact.mean()) if len(exact) else float("nan")
     return {
-        "score": float(exact.mean()) if len(exact) else float("nan"),
+        "score": score,
+        "stderr": float(np.sqrt(score * (1 - score) / max(len(exact), 1))),
         "num_examples": int(len(exact)),
         "visual_kv": float(visual.mean()),
         "context_kv": float(context.mean()),
@@ -60,14 +84,27 @@ def summarize(exact, visual, context, dense) -> dict:
     }
 
 
+def _by_family(arrays: list[np.ndarray], family: np.ndarray, chosen: np.ndarray) -> dict:
+    """:func:`summarize` of the ``chosen`` answers per family (report order, then the rest)."""
+    families = [*FAMILIES, *sorted(set(family.tolist()) - set(FAMILIES))]
+    return {
+        f: summarize(*(a[chosen & (family == f)] for a in arrays))
+        for f in families
+        if (chosen & (family == f)).any()
+    }
+
+
 def record(runner: Runner, results: dict, benchmark: str) -> dict:
-    """One results.json record (DESIGN.md §6 keys, then the breakdowns) of the per-example
+    """One results.json record (DESIGN.md §6 keys, then the breakdowns: ``by_family``,
+    ``by_turn`` (``"1"``, ``"2"``, ...) and, in conversations, ``later_turns`` (every turn
+    after the first) each with its families, ``by_task``) of the per-answer
     ``results`` of :func:`gazejax.eval.sweep.run_method`."""
     method = runner.method
     arrays = [np.asarray(results[k]) for k in ("exact", "visual_kv", "context_kv", "dense_kv")]
     overall = summarize(*arrays)
     family = np.asarray(results["family"])
     task = np.asarray(results["task"])
+    turn = np.asarray(results["turn"])
     top_k = results["top_k"]
     if len(set(top_k.values())) == 1:
         top_k = next(iter(top_k.values()))
@@ -81,17 +118,31 @@ def record(runner: Runner, results: dict, benchmark: str) -> dict:
         "benchmark": benchmark,
         "metric": "exact_match",
         "score": overall["score"],
+        "stderr": overall["stderr"],
         "num_examples": overall["num_examples"],
         "kv_fraction": overall["kv_fraction"],
         "visual_kv_fraction": overall["visual_kv_fraction"],
         "visual_kv": overall["visual_kv"],
         "context_kv": overall["context_kv"],
         "seconds": round(results["seconds"], 3),
-        "by_family": {
-            f: summarize(*(a[family == f] for a in arrays))
-            for f in [*FAMILIES, *sorted(set(family) - set(FAMILIES))]
-            if (family == f).any()
+        "by_family": _by_family(arrays, family, family == family),
+        "by_turn": {
+            str(t): {
+                **summarize(*(a[turn == t] for a in arrays)),
+                "by_family": _by_family(arrays, family, turn == t),
+            }
+            for t in sorted(set(turn.tolist()))
         },
+        **(
+            {
+                "later_turns": {
+                    **summarize(*(a[turn > 1] for a in arrays)),
+                    "by_family": _by_family(arrays, family, turn > 1),
+                }
+            }
+            if (turn > 1).any()
+            else {}
+        ),
         "by_task": {
             t: {"score": float(arrays[0][task == t].mean()), "num_examples": int((task == t).sum())}
             for t in dict.fromkeys(task)

@@ -53,17 +53,22 @@ def run_method(
     progress: Progress | None = None,
     packed: dict | None = None,
 ) -> dict:
-    """Scores ``examples`` with ``runner``: per-example lists (``exact``, ``loglik``, ``group``,
-    ``option``, ``task``, ``family``, ``visual_kv``, ``context_kv``, ``dense_kv``), the
+    """Scores ``examples`` with ``runner``: per-answer lists, an entry for every answer (turn)
+    of every example (``exact``, ``loglik``, ``group``, ``option``, ``task``, ``family``,
+    ``turn``: 1 for the first answer, ``visual_kv``, ``context_kv``, ``dense_kv``), the
     ``seconds`` taken and the gaze K per bucket (``top_k``). ``packed`` caches packed batches
-    across methods of one packing config."""
+    across methods of one packing config.
+
+    Raises:
+      ValueError: an example whose targets hold another number of answers than its turns.
+    """
     method, config = runner.method, runner.config
     score = jitted_scores(runner)
     h, w = config.unit_grid
     dense_h, dense_w = method.dense_grid(config)
     region_size = math.prod(config.region_size)
     packed = {} if packed is None else packed
-    keys = ("exact", "loglik", "group", "option", "task", "family")
+    keys = ("exact", "loglik", "group", "option", "task", "family", "turn")
     results = {k: [] for k in (*keys, "visual_kv", "context_kv", "dense_kv")}
     top_ks = {}
     start = time.monotonic()
@@ -73,6 +78,7 @@ def run_method(
         top_k = method.top_k(shape[2])
         if top_k is not None:
             top_ks[bucket] = top_k
+        turns = max(len(e.turns) for e in chosen)
         for first in range(0, len(chosen), batch_size):
             batch = chosen[first : first + batch_size]
             padded = batch + [batch[-1]] * (batch_size - len(batch))
@@ -80,22 +86,32 @@ def run_method(
             if key not in packed:
                 packed[key] = pack_batch([e.items for e in padded], config.geometry, *shape, pad_id)
             inputs, targets = packed[key]
-            exact, loglik = score(checkpoint.params, inputs, targets, top_k)
-            exact, loglik = np.asarray(exact)[: len(batch)], np.asarray(loglik)[: len(batch)]
+            exact, loglik, answered = (
+                np.asarray(x) for x in score(checkpoint.params, inputs, targets, top_k, turns)
+            )
             kind = np.asarray(inputs.meta.kind)[: len(batch)]
             num_visual = (kind == TokenKind.VISUAL).sum(-1)
             num_context = (kind == TokenKind.CONTEXT).sum(-1)
             dense_kv = num_visual // (h * w) * dense_h * dense_w
             visual_kv = method.visual_kv(num_visual, top_k, region_size)
-            results["exact"] += exact.astype(bool).tolist()
-            results["loglik"] += loglik.astype(float).tolist()
-            results["group"] += [e.group for e in batch]
-            results["option"] += [e.option for e in batch]
-            results["task"] += [e.task for e in batch]
-            results["family"] += [e.family for e in batch]
-            results["visual_kv"] += visual_kv.astype(float).tolist()
-            results["context_kv"] += num_context.astype(float).tolist()
-            results["dense_kv"] += dense_kv.astype(float).tolist()
+            for b, example in enumerate(batch):
+                n = len(example.turns)
+                if answered[b].tolist() != [True] * n + [False] * (turns + 1 - n):
+                    raise ValueError(
+                        f"an example of task {example.task!r} has {n} turns but its targets "
+                        f"hold another number of answers ({answered[b].tolist()})"
+                    )
+                for t, (task, family) in enumerate(example.turns):
+                    results["exact"].append(bool(exact[b, t]))
+                    results["loglik"].append(float(loglik[b, t]))
+                    results["group"].append(example.group)
+                    results["option"].append(example.option)
+                    results["task"].append(task)
+                    results["family"].append(family)
+                    results["turn"].append(t + 1)
+                    results["visual_kv"].append(float(visual_kv[b]))
+                    results["context_kv"].append(float(num_context[b]))
+                    results["dense_kv"].append(float(dense_kv[b]))
             if progress is not None:
                 progress.update(len(batch), method.label)
     results["seconds"] = time.monotonic() - start
@@ -117,13 +133,15 @@ def sweep(
     fps: float = 1.0,
     jsonl_limit: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    turns: int | None = None,
 ) -> dict:
     """Runs every method on every benchmark; the ``results.json`` content.
 
     ``benchmarks``: ``--benchmarks`` specs (:mod:`gazejax.eval.benchmarks`): ``"synthetic"``
     (``examples`` of the synthetic eval split) and ``"jsonl:PATH[:NAME]"`` (every line, or the
     first ``jsonl_limit``; see :func:`~gazejax.eval.benchmarks.jsonl.jsonl_benchmark` for
-    ``image_root``, ``video_root``, ``max_frames`` and ``fps``). ``mesh``: run each forward
+    ``image_root``, ``video_root``, ``max_frames`` and ``fps``; ``turns``: questions per
+    synthetic conversation, None: the workdir's). ``mesh``: run each forward
     over it, activations split by the default logical axis rules (batch over ``data`` and
     ``fsdp``, sequence over ``sequence``, heads over ``tensor``), parameters replicated.
     """
@@ -140,7 +158,15 @@ def sweep(
     pad_token = raw_config.get("data", {}).get("pad_token", "<|endoftext|>")
     pad_id = checkpoint.tokenizer.token_to_id(pad_token) or 0
     options = LoadOptions(
-        checkpoint, raw_config, examples, image_root, video_root, max_frames, fps, jsonl_limit
+        checkpoint,
+        raw_config,
+        examples,
+        image_root,
+        video_root,
+        max_frames,
+        fps,
+        jsonl_limit,
+        turns,
     )
     loaded = []
     for spec in benchmarks:  # load (and validate) every benchmark before the long part

@@ -21,6 +21,7 @@ class LoadOptions:
       examples: examples per benchmark, where a benchmark draws them (synthetic).
       image_root, video_root, max_frames, fps, jsonl_limit: see
         :func:`gazejax.eval.benchmarks.jsonl.jsonl_benchmark`.
+      turns: questions per synthetic conversation (None: the workdir's ``data.synthetic``).
     """
 
     checkpoint: Checkpoint
@@ -31,6 +32,7 @@ class LoadOptions:
     max_frames: int | None = None
     fps: float = 1.0
     jsonl_limit: int | None = None
+    turns: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -292,7 +292,8 @@ def jsonl_records(
         groups = [g for g in sorted(rows) if (questions[g].options is not None) == choice]
         if not groups:
             continue
-        sub = {k: [] for k in ("exact", "task", "family", "visual_kv", "context_kv", "dense_kv")}
+        keys = ("task", "family", "turn", "visual_kv", "context_kv", "dense_kv")
+        sub = {k: [] for k in ("exact", *keys)}
         per_example = []
         for g in groups:
             q = questions[g]
@@ -309,7 +310,7 @@ def jsonl_records(
                 entry.update(correct=correct, loglik=results["loglik"][first])
             per_example.append(entry)
             sub["exact"].append(correct)
-            for key in ("task", "family", "visual_kv", "context_kv", "dense_kv"):
+            for key in keys:
                 sub[key].append(results[key][first])
         sub["seconds"], sub["top_k"] = results["seconds"], results["top_k"]
         r = record(runner, sub, benchmark)

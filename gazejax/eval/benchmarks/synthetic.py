@@ -1,8 +1,15 @@
 """Benchmark ``synthetic``: the synthetic set's eval split (the workdir's data settings and
 seed), ``ceil(N / tasks)`` examples per enabled task, scored per task, per family
-(single_region, multi_region, counting, video) and overall (the mean over examples). The prompt
-is the training template (ChatML with the workdir's system prompt), logged in
-``results.json``."""
+(single_region, multi_region, counting, video), per turn and overall (the mean over answers).
+The prompt is the training template (ChatML with the workdir's system prompt), logged in
+``results.json``.
+
+With ``turns`` > 1 (the workdir's ``data.synthetic.turns``, or ``--turns``) an example is a
+conversation about one scene: its first question is of the example's task, the later ones drawn
+by the workdir's ``later_tasks`` (default: its task weights) about objects the earlier turns did
+not mention (:class:`gazejax.data.synthetic.SyntheticVQA`). Each answer is scored teacher-forced
+with the earlier questions and their reference answers in context, and counts for its own task,
+family and turn."""
 
 from __future__ import annotations
 
@@ -24,13 +31,16 @@ def _tuples(config: dict) -> dict:
 
 
 def synthetic_benchmark(
-    raw_config: dict, tokenizer: tokenizers.Tokenizer, examples: int
+    raw_config: dict, tokenizer: tokenizers.Tokenizer, examples: int, turns: int | None = None
 ) -> tuple[list[Example], dict]:
-    """``ceil(examples / tasks)`` eval-split examples of every enabled synthetic task, and the
-    benchmark's description."""
+    """``ceil(examples / tasks)`` eval-split examples of every enabled synthetic task (the first
+    turn's), ``turns`` questions each (None: the workdir's), and the benchmark's description."""
     data = raw_config.get("data", {})
     synthetic = _tuples(dict(data.get("synthetic", {})))
     weights = synthetic.pop("tasks", None) or dict.fromkeys(TASKS, 1.0)
+    if turns is not None:
+        synthetic["turns"] = turns
+    synthetic["later_tasks"] = synthetic.get("later_tasks") or weights
     tasks = [t for t in TASKS if weights.get(t, 0) > 0]
     per_task = math.ceil(examples / len(tasks))
     seed = int(raw_config.get("seed", 0))
@@ -43,12 +53,14 @@ def synthetic_benchmark(
         for index in range(per_task):
             items, info = make(index)
             family = info["family"]
-            out.append(Example(items, task, family, "video" if family == "video" else "image"))
+            bucket = "video" if family == "video" else "image"
+            out.append(Example(items, task, family, bucket, later_turns=info["turns"][1:]))
     info = {
         "split": "eval",
         "seed": seed,
         "tasks": {t: TASKS[t][0] for t in tasks},
         "examples_per_task": per_task,
+        "turns": synthetic.get("turns", 1),
         "system_prompt": system_prompt,
         "template": "ChatML (the training template); answers scored teacher-forced",
     }
@@ -60,5 +72,7 @@ def load(spec: str, options: LoadOptions) -> Benchmark:
     if spec != "synthetic":
         raise ValueError(f"the synthetic benchmark takes no argument, got {spec!r}")
     checkpoint = options.checkpoint
-    examples, info = synthetic_benchmark(options.raw_config, checkpoint.tokenizer, options.examples)
+    examples, info = synthetic_benchmark(
+        options.raw_config, checkpoint.tokenizer, options.examples, options.turns
+    )
     return Benchmark("synthetic", examples, info)

@@ -3,11 +3,13 @@ every slot before the first answer query; at its end each layer scores the visua
 dense attention weight the question's queries give them (text slots after the first visual token
 and before the first answer query, i.e. the question and the template up to ``assistant``),
 averaged over those queries and all heads; per layer and sample it keeps the
-``max(1, round(f·n))`` best of its ``n`` visual entries (shared by the heads). Answer queries
-then attend densely to all text and context entries and the kept visual entries only; prefill
-queries are unchanged (dense). Implemented exactly with two forwards: a dense one capturing
-queries and keys (:func:`~gazejax.inference.probes.rotated_queries_keys`), then one with a
-per-layer mask."""
+``max(1, round(f·n))`` best of its ``n`` visual entries (shared by the heads). The eviction
+happens **once**: every later query (the answer, and in a conversation every later question
+and answer, which a real system would append to the reduced cache) attends densely to all text
+and context entries and the kept visual entries only; prefill queries are unchanged (dense).
+Visual entries that come after the first answer query (a later turn's image) are not evicted.
+Implemented exactly with two forwards: a dense one capturing queries and keys
+(:func:`~gazejax.inference.probes.rotated_queries_keys`), then one with a per-layer mask."""
 
 from __future__ import annotations
 
@@ -40,14 +42,15 @@ def evict_masks(
 
     Returns:
       bool ``[num_layers, batch, length, length]`` masks, and bool ``[num_layers, batch,
-      length]``: the visual entries kept per layer.
+      length]``: the prefill's visual entries kept per layer.
     """
     meta = inputs.meta
     base = dense_visibility(meta, meta)  # [b, q, kv]
     big = jnp.iinfo(jnp.int32).max
-    visual = meta.kind == TokenKind.VISUAL
-    decode = (targets >= 0) & (meta.position >= 0)
-    first_decode = jnp.min(jnp.where(decode, meta.position, big), axis=-1, keepdims=True)
+    answer = (targets >= 0) & (meta.position >= 0)
+    first_decode = jnp.min(jnp.where(answer, meta.position, big), axis=-1, keepdims=True)
+    decode = meta.position >= first_decode  # every query after the eviction
+    visual = (meta.kind == TokenKind.VISUAL) & (meta.position < first_decode)  # evictable
     first_visual = jnp.min(jnp.where(visual, meta.position, big), axis=-1, keepdims=True)
     scorer = (
         (meta.kind == TokenKind.TEXT)
