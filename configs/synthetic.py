@@ -53,10 +53,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         object_sizes=(0.6, 0.85),  # of a 16-pixel cell: 10 and 14 px
         jitter=False,
         video_frames=4,
-        turns=turns,  # questions per scene; > 1: a conversation about it
         # Video questions cost ~3x an image question's compute; half weight keeps the run short.
         tasks={task: 0.5 if family == "video" else 1.0 for task, (family, _) in TASKS.items()},
     )
+    if turns > 1:  # a conversation per scene (unset: 1, so older runs' configs still resume)
+        config.data.synthetic.turns = turns
     # Images and videos train in separate batches (buckets), each padded to its own shape:
     # slots = text + units x (36 visual + context tokens); regions = units x 9. A later turn's
     # question and answer take at most ~34 more tokens.

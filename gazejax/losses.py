@@ -38,3 +38,34 @@ def answer_loglik(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(targets >= 0, picked, 0.0).sum(-1)
+
+
+def answer_turns(targets: jax.Array) -> jax.Array:
+    """int32 ``[batch, length]``: which answer (0 = the first) a slot's target belongs to, -1
+    where there is none. An answer is a run of consecutive slots with a target; the template
+    puts unsupervised slots between two answers (the ``\\n`` after ``<|im_end|>``, the next
+    question)."""
+    supervised = targets >= 0
+    starts = supervised & ~jnp.pad(supervised[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where(supervised, jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1, -1)
+
+
+def turn_scores(
+    logits: jax.Array, targets: jax.Array, turns: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each of the first ``turns`` answers (:func:`answer_turns`) scored on its own.
+
+    Returns:
+      ``exact`` bool ``[batch, turns]`` (:func:`answer_exact_match` of that answer), ``loglik``
+      float32 ``[batch, turns]`` (:func:`answer_loglik`), and ``answered`` bool ``[batch,
+      turns + 1]``: the sample has that answer (the last column: more than ``turns``).
+    """
+    turn = answer_turns(targets)
+    exact, loglik, answered = [], [], []
+    for t in range(turns):
+        chosen = jnp.where(turn == t, targets, -1)
+        exact.append(answer_exact_match(logits, chosen))
+        loglik.append(answer_loglik(logits, chosen))
+        answered.append((turn == t).any(-1))
+    answered.append((turn >= turns).any(-1))
+    return jnp.stack(exact, -1), jnp.stack(loglik, -1), jnp.stack(answered, -1)

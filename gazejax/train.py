@@ -53,7 +53,7 @@ from gazejax.data.vocab import load_tokenizer
 from gazejax.gaze.budget import progressive_top_k
 from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.init_from import init_from_checkpoints, load_workdir_params
-from gazejax.losses import answer_exact_match, cross_entropy
+from gazejax.losses import answer_exact_match, cross_entropy, turn_scores
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
@@ -143,11 +143,17 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model: MultimodalModel):
+def make_eval_step(model: MultimodalModel, turns: int | None = None):
+    """``(params, inputs, targets, top_k) -> (loss sums, exact bool [batch, T])``: the exact
+    match of each of ``turns`` answers (T = ``turns``), or with ``turns`` None of the whole
+    sample (T = 1: every answer right)."""
+
     def evaluate(params, inputs, targets, top_k):
         logits = model.apply({"params": params}, inputs, top_k=top_k)
         _, sums = cross_entropy(logits, targets)
-        return sums, answer_exact_match(logits, targets)
+        if turns is None:
+            return sums, answer_exact_match(logits, targets)[:, None]
+        return sums, turn_scores(logits, targets, turns)[0]
 
     return evaluate
 
@@ -347,7 +353,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             donate_argnums=(0,),
             out_shardings=(state_shardings, replicated),
         )
-        eval_step = jax.jit(make_eval_step(model), static_argnums=(3,), out_shardings=replicated)
+        turns = config.data.synthetic.get("turns", 1) if config.data.name == "synthetic" else None
+        eval_step = jax.jit(
+            make_eval_step(model, turns), static_argnums=(3,), out_shardings=replicated
+        )
         writer = MetricsWriter(workdir, config.total_steps, first_step=start, enabled=is_main)
         stop = StopRequested()
         num_regions = max(b["num_regions"] for b in config.data.buckets.to_dict().values())
@@ -448,6 +457,7 @@ def _flush_metrics(pending, writer, schedule, top_k, since: float, skipped: int 
 def evaluate(eval_step, params, batches: Batches, config, mesh, rules, top_k) -> dict[str, float]:
     """Loss, token accuracy and answer exact match (overall and per task) on the eval split.
 
+    Each answer of a synthetic conversation counts for its own task (``info["turns"]``).
     Each host scores its own examples; per-task counts are summed over hosts.
     """
     tasks = sorted(batches.task_names)
@@ -459,8 +469,10 @@ def evaluate(eval_step, params, batches: Batches, config, mesh, rules, top_k) ->
         batch_sums, exact = eval_step(params, inputs, targets, top_k)
         sums += [float(batch_sums[k]) for k in ("loss_sum", "correct", "tokens")]
         local = np.asarray(exact)[batches.offset : batches.offset + len(infos)]
-        for info, ok in zip(infos, local, strict=True):
-            counts[:2, tasks.index(info["task"])] += (ok, 1)
+        for info, row in zip(infos, local, strict=True):
+            turns = info.get("turns", [(info["task"], None)])
+            for (task, _), ok in zip(turns, row, strict=True):
+                counts[:2, tasks.index(task)] += (ok, 1)
     counts = multihost_utils.process_allgather(counts[:2]).reshape(-1, 2, len(tasks)).sum(0)
     seen = counts[1] > 0
     results = {

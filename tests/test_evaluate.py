@@ -24,9 +24,10 @@ from gazejax.eval.methods import make_method, parse_methods
 from gazejax.eval.methods.dense_reduced import pool_tokens, pool_window
 from gazejax.eval.methods.evict_question import evict_masks
 from gazejax.eval.methods.gaze import gaze_top_k
-from gazejax.eval.scoring import FAMILIES, answer_turns
+from gazejax.eval.scoring import FAMILIES
 from gazejax.eval.sweep import sweep
 from gazejax.inference import load_checkpoint, with_attention
+from gazejax.losses import answer_turns, turn_scores
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalModel
 from kernels.gaze_attention import TokenKind
@@ -70,6 +71,26 @@ def test_budget_conversions():
     np.testing.assert_allclose(pooled, [(0 + 1 + 3 + 4) / 4, (2 + 5) / 2, (6 + 7) / 2, 8])
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods(["nope"], [0.5])
+
+
+def test_each_answer_of_a_conversation_is_scored_on_its_own():
+    """Answers are runs of supervised slots; each gets its own exact match and log-likelihood."""
+    targets = np.array([[-1, 5, 6, -1, -1, 7, -1, 2], [-1, -1, 3, -1, -1, -1, -1, -1]], np.int32)
+    logits = np.random.default_rng(0).normal(size=(2, 8, 9)).astype(np.float32)
+    logits[0, [1, 2, 5], [5, 6, 7]] += 50.0  # the first two answers right, the third wrong
+    logits[0, 7, 2] -= 50.0
+    turn, (exact, loglik, answered) = jax.jit(lambda x, t: (answer_turns(t), turn_scores(x, t, 2)))(
+        logits, targets
+    )
+    np.testing.assert_array_equal(
+        turn, [[-1, 0, 0, -1, -1, 1, -1, 2], [-1, -1, 0, -1, -1, -1, -1, -1]]
+    )
+    np.testing.assert_array_equal(exact, [[True, True], [False, False]])
+    np.testing.assert_array_equal(answered, [[True, True, True], [True, False, False]])
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    assert loglik[0, 0] == pytest.approx(logp[0, 1, 5] + logp[0, 2, 6], rel=1e-5)
+    assert loglik[0, 1] == pytest.approx(logp[0, 5, 7], rel=1e-5)
+    assert loglik[1, 0] == pytest.approx(logp[1, 2, 3], rel=1e-5)
 
 
 def test_cli_writes_results(workdir, tmp_path):

@@ -559,10 +559,10 @@ def _conversation(
     """A scene and ``config.turns`` (task, turn) pairs about it, or None if it offers too few.
 
     The scene is drawn first (an image of at least two objects, in distinct columns when the
-    first task is order, or a clip for a video task), then
-    the first question (task ``first``); each later turn's task is drawn from ``later`` (weights
-    ``later_probs``, without repeats until one fits) about an object no earlier turn mentioned,
-    and only when no task can be, about any object; a question is never asked twice.
+    first task is order, or a clip for a video task), then the first question (task ``first``);
+    each later turn's task is drawn from ``later`` (weights ``later_probs``, without repeats
+    until one fits) about an object no earlier turn mentioned, and only when no task can be,
+    about any object; a question is never asked twice.
     """
     if TASKS[first][0] == "video":
         cells, frames = _clip_layout(rng, config)

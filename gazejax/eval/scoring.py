@@ -4,9 +4,9 @@ is right (:func:`gazejax.losses.answer_exact_match`); its summed log-probability
 (:func:`gazejax.losses.answer_loglik`) ranks the options of a multiple-choice question. Each
 (method, budget, bucket shape) compiles once. The *answer queries* are the slots that carry a
 target: the last prompt token (``assistant\\n``, which predicts the first answer token) and the
-answer tokens. A conversation's answers (turns) are the runs of consecutive answer queries, each
-scored on its own (:func:`answer_turns`), with the earlier turns, questions and reference
-answers, in context: the model's teacher-forced answers.
+answer tokens. A conversation's answers (turns) are the runs of consecutive answer queries,
+each scored on its own (:func:`gazejax.losses.answer_turns`), with the earlier turns, questions
+and reference answers, in context: the model's teacher-forced answers.
 
 A record of ``results.json`` (DESIGN.md §6) reports the score beside the KV entries one answer
 query reads: ``visual_kv`` (by the method), ``context_kv`` (``|C|`` per unit), ``kv_size`` =
@@ -20,46 +20,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gazejax.eval.methods.base import Runner
-from gazejax.losses import answer_exact_match, answer_loglik
+from gazejax.losses import turn_scores
 
 FAMILIES = ("single_region", "multi_region", "counting", "video")
 """The synthetic set's task families, in report order (first in every ``by_family``)."""
 SCORING = (
     "teacher-forced argmax of every answer token (gazejax.losses.answer_exact_match); "
-    "answer queries = slots with a target"
+    "answer queries = slots with a target; each answer of a conversation scored on its own, "
+    "the earlier turns (reference answers) in context"
 )
 """``results.json``'s ``scoring``."""
 
 
-def answer_turns(targets: jax.Array) -> jax.Array:
-    """int32 ``[batch, length]``: which answer (0 = the first) a slot's target belongs to, -1
-    where there is none. An answer is a run of consecutive slots with a target (``targets``:
-    int32 ``[batch, length]``, -1 = none); the template puts unsupervised slots between two."""
-    supervised = targets >= 0
-    starts = supervised & ~jnp.pad(supervised[:, :-1], ((0, 0), (1, 0)))
-    return jnp.where(supervised, jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1, -1)
-
-
 def jitted_scores(runner: Runner) -> Callable:
-    """``(params, inputs, targets, top_k, turns) -> (exact bool, loglik float32, answered bool)``,
-    each ``[batch, turns]`` (per answer, in order; ``answered``: the sample has that answer),
-    jitted (``top_k`` and ``turns`` static)."""
+    """``(params, inputs, targets, top_k, turns) -> (exact, loglik, answered)`` of
+    :func:`gazejax.losses.turn_scores`, jitted (``top_k`` and ``turns`` static)."""
 
     def scores(params, inputs, targets, top_k, turns):
-        logits = runner.logits(params, inputs, targets, top_k)
-        turn = answer_turns(targets)
-        exact, loglik, answered = [], [], []
-        for t in range(turns):
-            chosen = jnp.where(turn == t, targets, -1)
-            exact.append(answer_exact_match(logits, chosen))
-            loglik.append(answer_loglik(logits, chosen))
-            answered.append((turn == t).any(-1))
-        answered.append((turn >= turns).any(-1))  # more answers than expected
-        return jnp.stack(exact, -1), jnp.stack(loglik, -1), jnp.stack(answered, -1)
+        return turn_scores(runner.logits(params, inputs, targets, top_k), targets, turns)
 
     return jax.jit(scores, static_argnums=(3, 4))
 
