@@ -55,11 +55,13 @@ def test_the_ablations_notebook_runs_end_to_end(tmp_path):
         "k4",
         "no_context",
         "no_progressive",
+        "shared_routing",
+        "pre_rope",
     ]
-    k = {row["variant"]: row["top_k"]["0.22"] for row in table["rows"]}
-    assert k["region_1x1"]["image"] == 8 and k["region_3x3"]["image"] == 1
+    k = {row["variant"]: row["top_k"]["0.22"] for row in table["rows"]}  # image tasks: one K
+    assert k["region_1x1"] == 8 and k["region_3x3"] == 1
     for row in table["rows"]:
-        assert 0.0 <= row["dense"] <= 1.0 and row["num_examples"] == 9
+        assert 0.0 <= row["dense"] <= 1.0 and row["num_examples"] == 7  # image tasks only
         config = json.loads((tmp_path / row["variant"] / "config.json").read_text())
         assert config["total_steps"] == 2
     configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in names}
@@ -67,5 +69,9 @@ def test_the_ablations_notebook_runs_end_to_end(tmp_path):
     assert configs["no_context"]["model"]["num_context_tokens"] == 0
     assert configs["no_progressive"]["progressive_top_k"]["decay_fraction"] == 0.0
     assert configs["k4"]["model"]["gaze"]["top_k"] == 4
+    assert configs["shared_routing"]["model"]["gaze"]["routing"] == "shared"
+    assert configs["pre_rope"]["model"]["gaze"]["descriptor_keys"] == "pre_rope"
+    assert configs["gaze"]["model"]["gaze"]["routing"] == "per_head"
+    assert configs["gaze"]["model"]["gaze"]["descriptor_keys"] == "post_rope"
     assert (tmp_path / "ablations.md").read_text().count("\n") == 2 + len(names)
     assert (tmp_path / "ablations.png").stat().st_size > 10_000

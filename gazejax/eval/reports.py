@@ -126,7 +126,7 @@ def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
     ncols = max(len(row) for row in rows)
     figure = Figure(figsize=(3.4 * ncols, 3.2 * len(rows) + 0.8), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(len(rows), ncols, squeeze=False, sharex=True, sharey=True)
+    axes = figure.subplots(len(rows), ncols, squeeze=False, sharey=True)
     metric = METRIC_NAMES.get(records[0]["metric"], "score") if records else "score"
     methods = list(dict.fromkeys(r["method"] for r in records))
     for row, panels in zip(axes, rows, strict=True):
