@@ -106,7 +106,7 @@ def record(runner: Runner, results: dict, benchmark: str) -> dict:
         "visual_kv": overall["visual_kv"],
         "context_kv": overall["context_kv"],
         "seconds": round(results["seconds"], 3),
-        "by_family": _by_family(arrays, family, family == family),
+        "by_family": _by_family(arrays, family, np.ones(len(family), bool)),
         "by_turn": {
             str(t): {
                 **summarize(*(a[turn == t] for a in arrays)),
