@@ -55,6 +55,7 @@ RESUMABLE = (
     "grad_accum_steps",  # the same batch in other micro-batches
     "model.vit.remat",  # the same computation, recomputed or stored
     "model.decoder.remat",
+    "model.units_per_encode",  # the same encoding, padding slots skipped or not
     "model.gaze.implementation",  # the same op by another kernel
     "mesh",  # where it runs: the restore reshards
     "logical_axis_rules",
