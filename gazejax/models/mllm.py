@@ -130,9 +130,11 @@ class MultimodalModel(nn.Module):
     def embed(self, inputs: MultimodalInputs) -> jax.Array:
         """The decoder's input embeddings ``[batch, length, embed]`` for a packed batch."""
         x = self.decoder.embed(inputs.input_ids)
-        # A sample's real units: one past the highest unit its visual slots read (0 if none).
-        num_units = jnp.max(inputs.visual_index, axis=1) // self.config.tokens_per_unit + 1
-        visual = self.encode_units(inputs.units, num_units).astype(x.dtype)
+        counts = ()  # only a chunked encoding reads them (a subclass may encode units alone)
+        if self.config.units_per_encode:
+            # A sample's real units: one past the highest unit its visual slots read (0: none).
+            counts = (jnp.max(inputs.visual_index, axis=1) // self.config.tokens_per_unit + 1,)
+        visual = self.encode_units(inputs.units, *counts).astype(x.dtype)
         gathered = jnp.take_along_axis(
             visual, jnp.maximum(inputs.visual_index, 0)[..., None], axis=1
         )
