@@ -30,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from gazejax.configuration import ConfigError
+from gazejax.paths import as_path, write_atomically
 
 # Config keys (a key, or a section and all its keys) whose value may differ between a checkpoint
 # and the run that resumes it; a change is logged. Every other key must match: the model's and
@@ -54,6 +55,7 @@ RESUMABLE = (
     "grad_accum_steps",  # the same batch in other micro-batches
     "model.vit.remat",  # the same computation, recomputed or stored
     "model.decoder.remat",
+    "model.units_per_encode",  # the same encoding, padding slots skipped or not
     "model.gaze.implementation",  # the same op by another kernel
     "mesh",  # where it runs: the restore reshards
     "logical_axis_rules",
@@ -273,13 +275,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``etils.epath.Path`` (what orbax uses): ``gs://bucket/run`` stays a
-    cloud path; a local path is made absolute."""
-    path = epath.Path(path)
-    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
-
-
 def _free_path(directory: epath.Path, stem: str, suffix: str = "") -> epath.Path:
     """``directory/<stem><suffix>``, or ``<stem>.<n><suffix>`` with the smallest free n >= 2."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -287,15 +282,6 @@ def _free_path(directory: epath.Path, stem: str, suffix: str = "") -> epath.Path
     while path.exists():
         path, n = directory / f"{stem}.{n}{suffix}", n + 1
     return path
-
-
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` (local or cloud) through a temporary file and a rename:
-    readers see the old or the new file, never a part."""
-    path = as_path(path)
-    temporary = path.parent / f"{path.name}.tmp"
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 def write_config(workdir: str | os.PathLike, text: str, step: int) -> None:

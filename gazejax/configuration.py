@@ -74,6 +74,9 @@ def base_config(stage: int = 2, attention: str = "dense") -> ml_collections.Conf
     )
     config.model.num_context_tokens = 4 if attention == "gaze" else 0
     config.model.region_size = (6, 6, 1)
+    # The ViT encodes unit slots this many per sample at a time, skipping slots that no sample
+    # of the batch fills (0: every slot; MultimodalConfig.units_per_encode).
+    config.model.units_per_encode = 0
     # K falls from "all regions" to model.gaze.top_k over decay_fraction of training, held on a
     # few levels (each distinct K compiles once).
     config.progressive_top_k = dict(decay_fraction=0.5, levels=4)
@@ -135,6 +138,7 @@ SCHEMA: dict = {
         "gaze": {"top_k": int, "routing": str, "implementation": str, "descriptor_keys": str},
         "num_context_tokens": int,
         "region_size": FREE,
+        "units_per_encode": int,
     },
     "progressive_top_k": {"decay_fraction": float, "levels": int},
     "data": {

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from gazejax.gaze.budget import gaze_kv_size
 from gazejax.gaze.regions import RegionSize, validate_region_size
@@ -93,8 +94,7 @@ def _table(costs: dict[str, QueryCost]) -> str:
 
 def _measured(path: str) -> str:
     """The decode benchmark's records (``benchmarks/decode_attention.py`` JSON) as a table."""
-    with open(path) as f:
-        records = json.load(f)
+    records = json.loads(epath.Path(path).read_text())
     lines = [
         "| impl | dtype | routing | N | K | speedup (measured) | byte_bound (theory) |",
         "|---|---|---|---|---|---|---|",

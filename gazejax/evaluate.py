@@ -15,7 +15,6 @@ The budget and the methods are defined in :mod:`gazejax.eval.methods`, the scori
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ from gazejax.eval.methods import DEFAULT_BUDGETS, METHODS, parse_methods
 from gazejax.eval.reports import markdown_table, write_reports
 from gazejax.eval.sweep import sweep
 from gazejax.inference.checkpoints import load_checkpoint
+from gazejax.paths import as_path
 from gazejax.sharding import MESH_AXES, make_mesh, parse_mesh
 
 
@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    out = args.out or os.path.join(args.workdir, "eval")
-    results["workdir"] = os.path.abspath(args.workdir)
+    out = args.out or str(as_path(args.workdir) / "eval")
+    results["workdir"] = str(as_path(args.workdir))
     write_reports(results, out)
     print(markdown_table(results))
     print(f"wrote {out}/results.json, results.md, score_vs_kv.png", file=sys.stderr)

@@ -29,11 +29,12 @@ from gazejax.convert.hf import build_model, read_hf_config
 from gazejax.convert.mapping import flatten
 from gazejax.convert.native import load_gazejax
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
+from gazejax.paths import as_path
 
 
 def load_part(path: str, overrides: Mapping) -> dict:
     """The ``params`` of a checkpoint folder (HF or gazejax), with module ``overrides``."""
-    if os.path.exists(os.path.join(path, "model.json")):
+    if (as_path(path) / "model.json").exists():
         _, params = load_gazejax(path)
         return params
     _, params = load_hf(path, **overrides)
@@ -127,9 +128,13 @@ def load_workdir_params(workdir: str, abstract_params: Any) -> Any:
 
 
 def _placed(new, old):
-    """``new`` in ``old``'s dtype, on ``old``'s sharding when ``old`` is a ``jax.Array``."""
+    """``new`` (a host array, the same on every host) in ``old``'s dtype, on ``old``'s sharding
+    when ``old`` is a ``jax.Array``: each host puts only its own devices' shards (no transfer of
+    a whole parameter to one device, nothing fetched back)."""
     value = np.asarray(new, dtype=old.dtype)
-    return jax.device_put(value, old.sharding) if isinstance(old, jax.Array) else value
+    if not isinstance(old, jax.Array):
+        return value
+    return jax.make_array_from_callback(value.shape, old.sharding, lambda index: value[index])
 
 
 def init_from_checkpoints(

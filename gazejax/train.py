@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -57,6 +56,7 @@ from gazejax.losses import answer_exact_match, cross_entropy, turn_scores
 from gazejax.metrics import MetricsWriter
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
+from gazejax.paths import as_path
 from gazejax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -238,7 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if config.distributed.enabled:
         initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    as_path(workdir).mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     checkpointer.check_config(config.to_dict())
 
@@ -410,8 +410,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             final = run_eval(state.params)  # for final_eval.json (its step is logged)
         writer.close()
     if is_main:
-        with open(os.path.join(workdir, "final_eval.json"), "w") as f:
-            json.dump({"step": step, **final}, f, indent=2)
+        text = json.dumps({"step": step, **final}, indent=2)
+        (as_path(workdir) / "final_eval.json").write_text(text)
     return final
 
 

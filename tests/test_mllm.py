@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -312,3 +313,44 @@ def test_gaze_prefill_in_unit_chunks_equals_one_call(region_size):
     for one, chunk in zip(one_cache.layers, chunk_cache.layers, strict=True):
         np.testing.assert_allclose(chunk.descriptors, one.descriptors, atol=1e-6)
         assert float(jnp.abs(one.descriptors).min(axis=(-1, -2)).max()) > 0  # all regions set
+
+
+def test_the_vision_encoder_skips_unit_slots_no_sample_uses():
+    """With ``units_per_encode=2`` over 6 slots and 2, 3, 1 real units, slots 4-5 are never
+    encoded (their tokens stay zero); logits and gradients equal encoding every slot (random
+    pixels in the padding slots)."""
+    base = _config()
+    config = dataclasses.replace(
+        base,
+        vit=dataclasses.replace(base.vit, depth=1),
+        decoder=dataclasses.replace(base.decoder, num_layers=1),
+    )
+    inputs = pack_batch(_samples(0), config.geometry, length=96, max_units=6, num_regions=12)[0]
+    rng = np.random.default_rng(1)
+    units = np.array(inputs.units)
+    for sample, real in enumerate((2, 3, 1)):
+        units[sample, real:] = rng.uniform(-1, 1, units[sample, real:].shape)
+    inputs = inputs.replace(units=jnp.asarray(units))
+    model = MultimodalModel(config)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs))["params"]
+    params = jax.tree.map(  # random parameters without compiling the initialisers
+        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes
+    )
+    chunked = MultimodalModel(dataclasses.replace(config, units_per_encode=2))
+    weights = jnp.asarray(rng.normal(size=(3, 96, VOCAB)), jnp.float32)
+
+    def loss(module):
+        return jax.value_and_grad(lambda p: (module.apply({"params": p}, inputs) * weights).sum())
+
+    (want, want_grads), (got, got_grads) = (jax.jit(loss(m))(params) for m in (model, chunked))
+    assert_close_accumulated(got, want, rtol=1e-6)
+    want_leaves = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+    for path, g in jax.tree_util.tree_leaves_with_path(got_grads):
+        assert_close_accumulated(g, want_leaves[path], str(path), rtol=1e-6)
+    assert np.abs(np.asarray(want_grads["vision"]["embedding"]["kernel"])).max() > 0
+
+    encode = jax.jit(partial(chunked.apply, method="encode_units"))
+    tokens = np.asarray(encode({"params": params}, inputs.units, jnp.array([2, 3, 1])))
+    per_unit = config.tokens_per_unit
+    assert tokens[:, : 4 * per_unit].any(axis=-1).all()
+    assert not tokens[:, 4 * per_unit :].any()

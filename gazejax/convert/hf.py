@@ -1,4 +1,8 @@
-"""``load_hf`` / ``save_hf``: local Hugging Face checkpoint folders <-> (module, params)."""
+"""``load_hf`` / ``save_hf``: local Hugging Face checkpoint folders <-> (module, params).
+
+The folders are local (safetensors maps its files into memory): a ``gs://`` folder is refused,
+naming it; copy it first (``gcloud storage cp -r``).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from gazejax.convert.mapping import (
     load_params,
     read_json,
 )
+from gazejax.paths import is_local
 
 FAMILIES: tuple[Family, ...] = (qwen.FAMILY, siglip.FAMILY, llava.FAMILY)
 
@@ -46,13 +51,27 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     Raises:
       FileNotFoundError, ConversionError: naming the file (missing, not JSON, no model_type).
     """
-    config_path = os.path.join(os.fspath(path), "config.json")
+    config_path = os.path.join(_local(path), "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} does not exist")
     config = read_json(config_path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConversionError(f"{config_path} has no 'model_type'")
     return config
+
+
+def _local(path: str | os.PathLike) -> str:
+    """``path`` as a string, when it is a local folder.
+
+    Raises:
+      ConversionError: a cloud path (``gs://...``).
+    """
+    if not is_local(path):
+        raise ConversionError(
+            f"{path}: Hugging Face folders are read and written on a local disk (safetensors "
+            "maps files into memory); copy it there, e.g. with gcloud storage cp -r"
+        )
+    return os.fspath(path)
 
 
 def carried_config(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +160,7 @@ def save_hf(
     if missing:
         raise ConversionError(f"config.json needs {missing}: pass save_hf(..., config={{...}})")
     tensors = export_tensors(family.rules(model, hf_config), params, np_dtype)
+    path = _local(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)

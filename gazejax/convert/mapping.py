@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from safetensors import SafetensorError, safe_open
 
 Array = np.ndarray
@@ -67,18 +68,17 @@ class ConversionError(ValueError):
     missing config key, or a missing, misshapen or unexpected tensor (the message names it)."""
 
 
-def read_json(path: str) -> Any:
-    """The JSON value in the file ``path``.
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in the file ``path`` (local or cloud).
 
     Raises:
       FileNotFoundError: no such file.
       ConversionError: naming the file, when it is not valid JSON (e.g. cut short).
     """
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise ConversionError(f"{path} is not valid JSON: {error}") from error
+    try:
+        return json.loads(epath.Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from error
 
 
 def open_safetensors(path: str):

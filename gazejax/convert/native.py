@@ -1,4 +1,5 @@
-"""gazejax checkpoints of converted models: ``model.json`` + an orbax ``params`` tree.
+"""gazejax checkpoints of converted models: ``model.json`` + an orbax ``params`` tree (a local
+or cloud folder).
 
 ``model.json`` holds the family name and the model's Hugging Face style config dict, so the same
 builder that reads HF folders rebuilds the module; parameters are written by orbax, atomically
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from gazejax.convert.hf import abstract_params, build_model, family_for_model
 from gazejax.convert.mapping import ConversionError, read_json
+from gazejax.paths import as_path
 
 
 def save_gazejax(
@@ -23,15 +25,16 @@ def save_gazejax(
 ) -> None:
     """Writes ``path/model.json`` and ``path/params`` (orbax); ``config``: entries added to the
     stored config (see :func:`~gazejax.convert.hf.carried_config`)."""
-    path = os.path.abspath(os.fspath(path))
+    path = as_path(path)
     family = family_for_model(model)
-    os.makedirs(path, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, "params"), jax.tree.map(jax.numpy.asarray, params))
+    checkpointer.save(path / "params", jax.tree.map(jax.numpy.asarray, params))
     checkpointer.wait_until_finished()
-    with open(os.path.join(path, "model.json"), "w") as f:
-        stored = {**family.hf_config(model), **(config or {})}
-        json.dump({"family": family.name, "config": stored}, f, indent=2)
+    stored = {**family.hf_config(model), **(config or {})}
+    (path / "model.json").write_text(
+        json.dumps({"family": family.name, "config": stored}, indent=2)
+    )
 
 
 def read_model_config(path: str | os.PathLike) -> dict:
@@ -41,7 +44,7 @@ def read_model_config(path: str | os.PathLike) -> dict:
       FileNotFoundError: no ``model.json``.
       ConversionError: a ``model.json`` that is not JSON or has no config object (naming it).
     """
-    meta_path = os.path.join(os.path.abspath(os.fspath(path)), "model.json")
+    meta_path = as_path(path) / "model.json"
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ConversionError(f"{meta_path} has no 'config' object")
@@ -55,8 +58,8 @@ def load_gazejax(path: str | os.PathLike) -> tuple[nn.Module, dict]:
       FileNotFoundError: no ``model.json``.
       ConversionError: a ``model.json`` that is not JSON or lacks a config key (naming it).
     """
-    path = os.path.abspath(os.fspath(path))
-    model, family = build_model(read_model_config(path), os.path.join(path, "model.json"))
+    path = as_path(path)
+    model, family = build_model(read_model_config(path), str(path / "model.json"))
     abstract = abstract_params(model, family)
-    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
+    params = ocp.StandardCheckpointer().restore(path / "params", abstract)
     return model, params

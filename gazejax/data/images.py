@@ -7,9 +7,10 @@ and normalised to [-1, 1] with SigLIP's mean = std = 0.5: ``(x / 255 - 0.5) / 0.
 
 from __future__ import annotations
 
-import pathlib
+import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from gazejax.data.records import DataError
@@ -19,14 +20,14 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 PAD_COLOR = tuple(int(m * 255) for m in SIGLIP_MEAN)
 
 
-def load_image(path: str | pathlib.Path) -> Image.Image:
-    """The image at ``path``, converted to RGB.
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image at ``path`` (local or cloud), converted to RGB.
 
     Raises:
       DataError: the file is missing, unreadable, truncated or not an image (``path`` is it).
     """
     try:
-        with Image.open(path) as image:
+        with epath.Path(path).open("rb") as f, Image.open(f) as image:
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image: {exc}", path, kind="image") from exc
@@ -50,6 +51,6 @@ def preprocess(image: Image.Image, image_size: int) -> np.ndarray:
     return (pixels - np.float32(SIGLIP_MEAN)) / np.float32(SIGLIP_STD)
 
 
-def read_image(path: str | pathlib.Path, image_size: int) -> np.ndarray:
+def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """:func:`load_image` then :func:`preprocess`: float32 ``[image_size, image_size, 3]``."""
     return preprocess(load_image(path), image_size)

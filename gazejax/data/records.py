@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from gazejax.data.template import ConversationError, chatml_pieces
 from gazejax.data.vocab import IMAGE_TOKEN, VIDEO_TOKEN
@@ -46,7 +47,7 @@ class DataError(ValueError):
     def __init__(
         self,
         reason: str,
-        path: str | pathlib.Path,
+        path: str | os.PathLike,
         line: int | None = None,
         index: int | None = None,
         kind: str = "record",
@@ -107,8 +108,8 @@ class RecordFile:
     :class:`DataError`. Picklable (paths, offsets and, for ``.json``, the loaded list).
     """
 
-    def __init__(self, path: str | pathlib.Path):
-        self.path = pathlib.Path(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path = epath.Path(path)  # local or cloud
         if self.path.suffix not in (".json", ".jsonl"):
             raise DataError("expected a .json or .jsonl file", self.path, kind="file")
         self._items: list[Any] | None = None
@@ -136,7 +137,7 @@ class RecordFile:
         where = self.location(index)
         if self._items is not None:
             return parse_record(self._items[index], where)
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             f.seek(int(self._offsets[index]))
             raw = f.readline()
         try:
@@ -146,11 +147,11 @@ class RecordFile:
         return parse_record(value, where)
 
 
-def _index_lines(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+def _index_lines(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets and 1-based line numbers of the non-blank lines, int64 ``[records]`` each."""
     offsets, lines = [], []
     position = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             if raw.strip(_JSON_WHITESPACE):
                 offsets.append(position)
@@ -159,9 +160,9 @@ def _index_lines(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(offsets, np.int64), np.asarray(lines, np.int64)
 
 
-def _load_list(path: pathlib.Path) -> list[Any]:
+def _load_list(path: epath.Path) -> list[Any]:
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             value = json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import pathlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import tokenizers
+from etils import epath
 
 from gazejax.data.images import read_image
 from gazejax.data.packing import Text, Visual
@@ -55,12 +56,12 @@ class ConversationSource:
 
     def __init__(
         self,
-        records_path: str | pathlib.Path,
-        image_root: str | pathlib.Path,
+        records_path: str | os.PathLike,
+        image_root: str | os.PathLike,
         *,
         image_size: int,
         max_frames: int,
-        video_root: str | pathlib.Path | None = None,
+        video_root: str | os.PathLike | None = None,
         fps: float = 1.0,
         skip_bad_samples: bool = False,
         tokenizer: tokenizers.Tokenizer | None = None,
@@ -75,8 +76,8 @@ class ConversationSource:
                 f"{image_size}, {max_frames} and {fps}"
             )
         self.records = RecordFile(records_path)
-        self.image_root = pathlib.Path(image_root)
-        self.video_root = self.image_root if video_root is None else pathlib.Path(video_root)
+        self.image_root = epath.Path(image_root)  # local or cloud
+        self.video_root = self.image_root if video_root is None else epath.Path(video_root)
         self.image_size, self.max_frames, self.fps = image_size, max_frames, fps
         self.skip_bad_samples = skip_bad_samples
         self.tokenizer, self.system_prompt = tokenizer, system_prompt

@@ -11,16 +11,19 @@ uniform subsampling applies. Every frame is preprocessed as an image
 
 from __future__ import annotations
 
+import contextlib
 import fractions
-import pathlib
+import os
 import re
 from collections.abc import Iterator
 
 import av
 import numpy as np
+from etils import epath
 
 from gazejax.data.images import load_image, preprocess
 from gazejax.data.records import DataError
+from gazejax.paths import is_local
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SEEK_GAP_S = 4.0
@@ -47,9 +50,9 @@ def sample_times(duration: float, max_frames: int, fps: float = 1.0) -> np.ndarr
 
 
 def read_video(
-    path: str | pathlib.Path, *, image_size: int, max_frames: int, fps: float = 1.0
+    path: str | os.PathLike, *, image_size: int, max_frames: int, fps: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled, preprocessed frames of a video file or a folder of frames.
+    """Sampled, preprocessed frames of a video file or a folder of frames (local or cloud).
 
     Returns:
       frames: float32 ``[T, image_size, image_size, 3]`` in [-1, 1], ``1 <= T <= max_frames``.
@@ -62,7 +65,7 @@ def read_video(
     """
     if max_frames < 1 or fps <= 0:  # setup errors, not data errors
         raise ValueError(f"need max_frames >= 1 and fps > 0, got {max_frames} and {fps}")
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if path.is_dir():
         files = sorted(
             (p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key
@@ -75,7 +78,9 @@ def read_video(
         frames = [preprocess(load_image(files[i]), image_size) for i in index]
         return np.stack(frames), index / fps
     try:
-        with av.open(str(path)) as container:
+        with contextlib.ExitStack() as stack:  # PyAV reads a cloud file through a file object
+            source = str(path) if is_local(path) else stack.enter_context(path.open("rb"))
+            container = stack.enter_context(av.open(source))
             if not container.streams.video:
                 raise DataError("no video stream", path, kind="video")
             stream = container.streams.video[0]
@@ -95,7 +100,7 @@ def read_video(
     return np.stack(frames), np.asarray(times, np.float64)
 
 
-def _natural_key(path: pathlib.Path) -> list[int | str]:
+def _natural_key(path: epath.Path) -> list[int | str]:
     """Sort key that orders the digit runs of a name as numbers: ``f2`` before ``f10``."""
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
 

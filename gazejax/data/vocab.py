@@ -10,10 +10,13 @@ Words are case-sensitive; anything unknown becomes ``<unk>``.
 
 from __future__ import annotations
 
-import pathlib
+import os
 
+from etils import epath
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
+
+from gazejax.paths import as_path
 
 PAD_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
@@ -76,14 +79,15 @@ def build_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def save(directory: str | pathlib.Path) -> pathlib.Path:
-    """Writes the built-in tokenizer to ``directory/tokenizer.json`` (as in an HF checkpoint).
+def save(directory: str | os.PathLike) -> epath.Path:
+    """Writes the built-in tokenizer to ``directory/tokenizer.json`` (as in an HF checkpoint;
+    local or cloud).
 
-    Returns the file's path; ``tokenizers.Tokenizer.from_file`` reads it back.
+    Returns the file's path; :func:`load_tokenizer` reads it back.
     """
-    path = pathlib.Path(directory) / "tokenizer.json"
+    path = as_path(directory) / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save(str(path))
+    path.write_text(build_tokenizer().to_str(pretty=True))
     return path
 
 
@@ -112,7 +116,7 @@ def load_tokenizer(path: str | None) -> Tokenizer:
     if path is None:
         return build_tokenizer()
     try:
-        tokenizer = Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_str(as_path(path).read_text())
     except Exception as error:  # tokenizers raises a bare Exception
         raise DataError(f"cannot load the tokenizer: {error}", path, kind="file") from error
     add_visual_placeholders(tokenizer)

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
-from safetensors.numpy import load_file, save_file
+from etils import epath
+from safetensors.numpy import load, save
 
 from gazejax.checkpointing import Checkpointer
 from gazejax.convert import ConversionError, load_hf, save_hf
@@ -37,6 +38,7 @@ from gazejax.data.vocab import IMAGE_TOKEN, load_tokenizer
 from gazejax.init_from import load_mllm
 from gazejax.models.from_config import multimodal_config
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
+from gazejax.paths import as_path
 
 EXPORT_FORMAT = "gazejax-export/1"
 SIDE_CONFIG = "gazejax.json"
@@ -79,22 +81,19 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpo
       FileNotFoundError: no ``config.json``, no checkpoint or no tokenizer (naming the path).
       ConversionError: an HF folder that does not load (naming the file or tensor).
     """
-    path = os.path.abspath(os.fspath(path))
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    path = as_path(path)  # local or cloud (gs://)
+    config_path = path / "config.json"
+    if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path}: no config.json (not a training workdir or Hugging Face folder?)"
         )
-    with open(config_path) as f:
-        config = json.load(f)
+    config = json.loads(config_path.read_text())
     if "model_type" in config:
         if step is not None:
             raise ValueError(f"{path} is a Hugging Face folder of one step: drop the step")
         return _load_hf_folder(path)
-    directory = os.path.join(path, "checkpoints")
-    checkpointer = (
-        Checkpointer(path, every_steps=1, max_to_keep=1) if os.path.isdir(directory) else None
-    )
+    directory = path / "checkpoints"
+    checkpointer = Checkpointer(path, every_steps=1, max_to_keep=1) if directory.is_dir() else None
     steps = checkpointer.all_steps() if checkpointer else []
     if step is None and steps:
         step = steps[-1]
@@ -139,24 +138,23 @@ def _checkpoint(
     )
 
 
-def _load_hf_folder(path: str) -> Checkpoint:
+def _load_hf_folder(path: epath.Path) -> Checkpoint:
     """A Hugging Face LLaVA folder, with the gaze parts of its side files when present."""
-    tokenizer_path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_path):
+    tokenizer_path = path / "tokenizer.json"
+    if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path} does not exist (a tokenizer is needed)")
     tokenizer = load_tokenizer(tokenizer_path)
-    side_path = os.path.join(path, SIDE_CONFIG)
-    if not os.path.isfile(side_path):
+    side_path = path / SIDE_CONFIG
+    if not side_path.is_file():
         model, params = load_hf(path)
         return _checkpoint(model.config, jax.tree.map(jnp.asarray, params), tokenizer, {}, None)
-    with open(side_path) as f:
-        side = json.load(f)
+    side = json.loads(side_path.read_text())
     if side.get("format") != EXPORT_FORMAT:
         raise ConversionError(f"{side_path}: format {side.get('format')!r} is not {EXPORT_FORMAT}")
     config = multimodal_config(side["config"]["model"])
     params = load_mllm(path, config)
     if config.num_context_tokens:
-        tensors = load_file(os.path.join(path, SIDE_TENSORS))
+        tensors = load((path / SIDE_TENSORS).read_bytes())
         params["context_tokens"] = tensors["context_tokens"]
     params = jax.tree.map(jnp.asarray, params)
     return _checkpoint(config, params, tokenizer, side["config"], side.get("step"))
@@ -173,22 +171,21 @@ def export_checkpoint(
       ConversionError: a model ``LlavaForConditionalGeneration`` cannot express (token
         compression, a ViT output after its final norm), or a tokenizer without ``<image>``.
     """
-    path = os.fspath(path)
+    path = as_path(path)
     image_token = checkpoint.tokenizer.token_to_id(IMAGE_TOKEN)
     if image_token is None:
         raise ConversionError(f"the checkpoint's tokenizer has no {IMAGE_TOKEN!r} token")
     dense = MultimodalModel(dataclasses.replace(checkpoint.config, num_context_tokens=0))
     params = {k: v for k, v in checkpoint.params.items() if k != "context_tokens"}
     save_hf(dense, params, path, dtype=dtype, config={"image_token_index": image_token})
-    checkpoint.tokenizer.save(os.path.join(path, "tokenizer.json"))
+    (path / "tokenizer.json").write_text(checkpoint.tokenizer.to_str(pretty=True))
     if checkpoint.config.num_context_tokens:
         context = np.asarray(checkpoint.params["context_tokens"])
-        save_file({"context_tokens": context}, os.path.join(path, SIDE_TENSORS))
+        (path / SIDE_TENSORS).write_bytes(save({"context_tokens": context}))
     if not checkpoint.run_config:  # an imported model: config.json says it all
         return
     side = {"format": EXPORT_FORMAT, "step": checkpoint.step, "config": checkpoint.run_config}
-    with open(os.path.join(path, SIDE_CONFIG), "w") as f:
-        json.dump(side, f, indent=2, sort_keys=True)
+    (path / SIDE_CONFIG).write_text(json.dumps(side, indent=2, sort_keys=True))
 
 
 def with_attention(config: MultimodalConfig, attention: str) -> MultimodalConfig:

@@ -5,7 +5,7 @@ model.projector  = {compress}
 model.decoder    = {DecoderConfig fields}        (hidden_size also sizes the projector)
 model.attention  = "dense" | "gaze";  model.gaze = {top_k, routing, implementation,
                                                     descriptor_keys}
-model.num_context_tokens, model.region_size, model.dtype
+model.num_context_tokens, model.region_size, model.units_per_encode, model.dtype
 """
 
 from __future__ import annotations
@@ -56,4 +56,5 @@ def multimodal_config(model: Mapping) -> MultimodalConfig:
         decoder=decoder,
         num_context_tokens=model.get("num_context_tokens", 4),
         region_size=tuple(model.get("region_size", (6, 6, 1))),
+        units_per_encode=model.get("units_per_encode", 0),
     )

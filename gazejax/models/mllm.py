@@ -32,6 +32,11 @@ class MultimodalConfig:
         ``decoder.hidden_size``, ``projector.vision_width`` the ViT width).
       num_context_tokens: ``|C|`` learnable tokens after each unit (0: none).
       region_size: ``(r_h, r_w)`` or ``(r_h, r_w, r_t)`` in projected tokens (and frames).
+      units_per_encode: ``c``: the ViT and projector encode the batch's unit slots ``c`` per
+        sample at a time, skipping a chunk of slots where no sample of the batch has a real
+        unit (padding slots follow a sample's real units), so they run on
+        ``ceil(max real units / c) · c`` slots per sample instead of every slot (0: every
+        slot at once, as one batch; also where ``c`` does not divide the slot count).
     """
 
     vit: ViTConfig
@@ -39,8 +44,11 @@ class MultimodalConfig:
     decoder: DecoderConfig
     num_context_tokens: int = 4
     region_size: tuple[int, ...] = (6, 6, 1)
+    units_per_encode: int = 0
 
     def __post_init__(self):
+        if self.units_per_encode < 0:
+            raise ValueError(f"units_per_encode must be >= 0, got {self.units_per_encode}")
         if self.projector.vision_width != self.vit.width:
             raise ValueError(
                 f"projector.vision_width ({self.projector.vision_width}) must equal vit.width "
@@ -91,18 +99,42 @@ class MultimodalModel(nn.Module):
                 cfg.decoder.param_dtype,
             )
 
-    def encode_units(self, units: jax.Array) -> jax.Array:
-        """Pixels ``[batch, max_units, H, W, 3]`` -> tokens ``[batch, max_units * N, embed]``."""
+    def encode_units(self, units: jax.Array, num_units: jax.Array | None = None) -> jax.Array:
+        """Pixels ``[batch, max_units, H, W, 3]`` -> tokens ``[batch, max_units * N, embed]``.
+
+        ``num_units`` (int ``[batch]``): each sample's real units, which come first; with
+        ``config.units_per_encode`` the slots after them are encoded only where another sample
+        has a real unit in the same chunk, else their tokens are zeros (read by no slot).
+        """
         batch, max_units = units.shape[:2]
-        features = self.vision(units.reshape(batch * max_units, *units.shape[2:]))
-        grid = (self.config.vit.grid, self.config.vit.grid)
-        tokens = self.projector(features, grid=grid)
-        return tokens.reshape(batch, max_units * tokens.shape[1], tokens.shape[2])
+        chunk = self.config.units_per_encode
+        if num_units is None or not chunk or max_units % chunk or self.is_initializing():
+            return _encode(self.vision, self.projector, units)
+        vision = VisionTransformer(self.config.vit, parent=None)  # this model's variables
+        projector = Projector(self.config.projector, parent=None)
+        variables = (self.vision.variables, self.projector.variables)
+
+        def encode(pixels):  # [batch, chunk, H, W, 3] -> [batch, chunk * N, embed]
+            return _encode(vision.bind(variables[0]), projector.bind(variables[1]), pixels)
+
+        def step(_, j):
+            pixels = jax.lax.dynamic_slice_in_dim(units, j * chunk, chunk, axis=1)
+            shape = jax.eval_shape(encode, pixels)
+            skip = lambda p: jnp.zeros(shape.shape, shape.dtype)  # noqa: E731
+            return None, jax.lax.cond(jnp.any(num_units > j * chunk), encode, skip, pixels)
+
+        _, tokens = jax.lax.scan(step, None, jnp.arange(max_units // chunk))
+        # [chunks, batch, chunk * N, embed] -> [batch, max_units * N, embed]
+        return jnp.moveaxis(tokens, 0, 1).reshape(batch, -1, tokens.shape[-1])
 
     def embed(self, inputs: MultimodalInputs) -> jax.Array:
         """The decoder's input embeddings ``[batch, length, embed]`` for a packed batch."""
         x = self.decoder.embed(inputs.input_ids)
-        visual = self.encode_units(inputs.units).astype(x.dtype)
+        counts = ()  # only a chunked encoding reads them (a subclass may encode units alone)
+        if self.config.units_per_encode:
+            # A sample's real units: one past the highest unit its visual slots read (0: none).
+            counts = (jnp.max(inputs.visual_index, axis=1) // self.config.tokens_per_unit + 1,)
+        visual = self.encode_units(inputs.units, *counts).astype(x.dtype)
         gathered = jnp.take_along_axis(
             visual, jnp.maximum(inputs.visual_index, 0)[..., None], axis=1
         )
@@ -156,3 +188,12 @@ class MultimodalModel(nn.Module):
             max_unrouted_tokens=max_unrouted_tokens,
             cache=cache,
         )
+
+
+def _encode(vision: nn.Module, projector: nn.Module, units: jax.Array) -> jax.Array:
+    """Every unit slot: pixels ``[batch, units, H, W, 3]`` -> ``[batch, units * N, embed]``."""
+    batch, count = units.shape[:2]
+    features = vision(units.reshape(batch * count, *units.shape[2:]))
+    grid = (vision.config.grid, vision.config.grid)
+    tokens = projector(features, grid=grid)
+    return tokens.reshape(batch, count * tokens.shape[1], tokens.shape[2])
