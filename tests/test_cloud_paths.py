@@ -29,6 +29,7 @@ from PIL import Image
 from gazejax import checkpointing, metrics
 from gazejax.checkpointing import HISTORY_DIR, Checkpointer, write_config
 from gazejax.data.sources import ConversationSource
+from gazejax.eval.reports import write_reports
 from gazejax.paths import as_path
 
 BUCKET = "gs://bucket/run"
@@ -202,3 +203,26 @@ if __name__ == "__main__":
         )
     results["run"] += "" if os.listdir(base / "cwd") == [] else " (wrote in the working dir)"
     print_results(results)
+
+
+def test_evaluation_reports_are_written_on_the_cloud(cloud):
+    stats = {"score": 0.5, "stderr": 0.25, "num_examples": 4, "visual_kv_fraction": 0.25}
+    record = {
+        **stats,
+        "benchmark": "mini",
+        "metric": "exact_match",
+        "method": "gaze",
+        "label": "gaze@0.25",
+        "kv_fraction": 0.3,
+        "seconds": 1.0,
+        "by_family": {"image": stats},
+    }
+    results = {"benchmarks": {"mini": {}}, "records": [record], "notes": []}
+    write_reports(results, f"{BUCKET}/eval")
+    assert stored(cloud) == {"eval/results.json", "eval/results.md", "eval/score_vs_kv.png"}
+    assert json.loads((as_path(BUCKET) / "eval/results.json").read_text()) == results
+    assert (
+        "| gaze@0.25 | 25.0 | 30.0 | 50.0 ± 25.0 |"
+        in (as_path(BUCKET) / "eval/results.md").read_text()
+    )
+    assert (as_path(BUCKET) / "eval/score_vs_kv.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

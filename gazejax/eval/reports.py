@@ -4,6 +4,7 @@ with error bars; matplotlib)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from matplotlib.figure import Figure
 
 from gazejax.eval.methods import METHODS
 from gazejax.eval.scoring import FAMILIES
+from gazejax.paths import as_path
 
 GREY = (127, 127, 127)
 """Plot colour of a method not in the registry."""
@@ -111,7 +113,7 @@ def _section(
     return lines
 
 
-def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
+def draw_plot(results: dict, path: str | os.PathLike, benchmark: str = "synthetic") -> None:
     """Score (%) against visual KV read (% of dense) per method, error bars ± one standard
     error: overall and one panel per family, and in conversations a second row, one panel per
     turn (a JSONL benchmark: its first metric). Matplotlib, Agg backend."""
@@ -159,17 +161,18 @@ def draw_plot(results: dict, path: str, benchmark: str = "synthetic") -> None:
     if handles:
         figure.legend(handles, labels, loc="outside lower center", ncols=len(handles))
     figure.suptitle(f"{benchmark}: {metric} vs visual KV (error bars: ± 1 standard error)")
-    figure.savefig(path, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
+    as_path(path).write_bytes(png.getvalue())
 
 
-def write_reports(results: dict, out: str) -> None:
+def write_reports(results: dict, out: str | os.PathLike) -> None:
     """Writes ``out/results.json``, ``out/results.md`` and ``out/score_vs_kv.png`` (the
-    synthetic benchmark, else the first)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown_table(results))
+    synthetic benchmark, else the first); ``out`` may be local or cloud (``gs://``)."""
+    out = as_path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown_table(results))
     benchmarks = list(results["benchmarks"])
     plotted = "synthetic" if "synthetic" in benchmarks else benchmarks[0]
-    draw_plot(results, os.path.join(out, "score_vs_kv.png"), plotted)
+    draw_plot(results, out / "score_vs_kv.png", plotted)
