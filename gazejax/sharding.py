@@ -24,6 +24,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...]
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
     ("cache_length", "sequence"),
+    ("cache_rows", ("data", "fsdp", "tensor")),  # a KV cache's batch · kv_heads
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

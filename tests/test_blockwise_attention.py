@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gazejax.gaze.regions import TextSegment, VisualSegment, batch_layouts, build_layout
-from gazejax.models.attention import causal_attention, dense_attention, dense_visibility
+from gazejax.models.attention import (
+    causal_attention,
+    decode_attention,
+    dense_attention,
+    dense_visibility,
+)
 from kernels.gaze_attention import (
     TokenKind,
     TokenMeta,
@@ -129,12 +134,14 @@ def test_only_causal_block_pairs_are_live():
     np.testing.assert_array_equal(live, expected)
 
 
-def test_one_query_dense_attention_equals_jax():
-    """A decode step's dense attention (GQA, a fully masked sample gives zeros)."""
+def test_decode_attention_equals_jax():
+    """A decode step's dense attention over the cache rows (GQA; a fully masked sample gives
+    zeros)."""
     q = _random((2, 1, HEADS, DIM), 9)
     k, v = (_random((2, 37, KV_HEADS, DIM), s) for s in (10, 11))
     mask = jnp.asarray(np.random.default_rng(12).random((2, 1, 37)) < 0.7).at[1].set(False)
-    ours = jax.jit(dense_attention)(q, k, v, mask)
+    rows = (jnp.swapaxes(x, 1, 2).reshape(2 * KV_HEADS, 37, DIM) for x in (k, v))
+    ours = jax.jit(decode_attention)(q, *rows, mask)
     theirs = jax.nn.dot_product_attention(q[:1], k[:1], v[:1], mask=mask[:1, None])
     np.testing.assert_allclose(ours[:1], theirs, atol=1e-5)
     np.testing.assert_array_equal(ours[1], 0.0)
@@ -152,30 +159,32 @@ def _cache_sized_copies(step, cache, *args) -> int:
 
 
 def test_decode_steps_update_the_cache_without_copying_it():
-    """Dense and gaze (xla) decode steps write the new key in place and read the cache as is:
-    no copy or transpose of it (a gaze step once copied it into its region loop)."""
+    """Dense and gaze (xla) decode steps write the new key into the cache rows (one per KV
+    head) in place and read them as they are: no copy or transpose of the cache (a gaze step
+    once copied it into its region loop; at a model's sizes a length-major cache was transposed
+    for the dense scores, and a [batch, kv_heads, ...] one copied for the write)."""
     meta, table = _layout_meta()
     meta, table = jax.tree.map(lambda x: x[:1], (meta, table))
     length = meta.kind.shape[1]
-    cache = _random((1, length, KV_HEADS, DIM), 13)
+    cache = _random((KV_HEADS, length, DIM), 13)
     q = _random((1, 1, HEADS, DIM), 14)
     slot = length - 1
     q_meta = jax.tree.map(lambda x: x[:, slot:], meta)
 
     def written(keys, values, new):
-        return (jax.lax.dynamic_update_slice(x, new, (0, slot, 0, 0)) for x in (keys, values))
+        return (jax.lax.dynamic_update_slice(x, new, (0, slot, 0)) for x in (keys, values))
 
     def dense_step(keys, values, new):
         keys, values = written(keys, values, new)
-        return dense_attention(q, keys, values, dense_visibility(q_meta, meta)), keys, values
+        return decode_attention(q, keys, values, dense_visibility(q_meta, meta)), keys, values
 
     def gaze_step(keys, values, new, routing):
         keys, values = written(keys, values, new)
         descriptors = jnp.zeros((1, table.num_regions, KV_HEADS, DIM))
         out = gaze_attention(
             q,
-            keys,
-            values,
+            keys[None],
+            values[None],
             q_meta,
             meta,
             table,
@@ -184,6 +193,7 @@ def test_decode_steps_update_the_cache_without_copying_it():
             descriptors=descriptors,
             implementation="xla",
             max_unrouted_tokens=12,
+            heads_first=True,
         )
         return out, keys, values
 

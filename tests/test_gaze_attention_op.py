@@ -16,7 +16,6 @@ from kernels.gaze_attention import (
     pallas_train,
     resolve_implementation,
     routing,
-    xla,
 )
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -30,16 +29,16 @@ op = jax.jit(
         "implementation",
         "max_unrouted_tokens",
         "return_selection",
+        "heads_first",
     ),
 )
 
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Several query blocks and several region chunks even at test sizes."""
+    """Several query blocks even at test sizes."""
     monkeypatch.setattr(blockwise, "QUERY_BLOCK", 16)
     monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
-    monkeypatch.setattr(xla, "REGIONS_PER_STEP", 2)
     monkeypatch.setattr(pallas_train, "DEFAULT_BLOCK", 16)
 
 
@@ -360,6 +359,33 @@ def test_bfloat16_decode_matches_the_reference():
         np.testing.assert_allclose(
             step[:, 0].astype(np.float32), expected.astype(np.float32), atol=2e-2
         )
+
+
+def test_decode_reads_a_head_major_cache():
+    """``heads_first``: the xla decode reads ``[batch, kv_heads, len, d]`` in place and equals
+    the reference, with and without the unrouted bound."""
+    case = ROUTED
+    text = case.slots(TokenKind.TEXT)[-1]
+    query_meta = jax.tree.map(lambda x: x[:, text : text + 1], case.meta)
+    k, v = (jnp.swapaxes(x, 1, 2) for x in (case.k, case.v))
+    for route in ("per_head", "shared"):
+        options = dict(top_k=3, routing=route, heads_first=True)
+        expected = op(
+            case.q, case.k, case.v, case.meta, case.meta, case.table, top_k=3, routing=route
+        )
+        for bound in (None, 16):
+            step = op(
+                case.q[:, text : text + 1],
+                k,
+                v,
+                query_meta,
+                case.meta,
+                case.table,
+                implementation="xla",
+                max_unrouted_tokens=bound,
+                **options,
+            )
+            np.testing.assert_allclose(step[:, 0], expected[:, text], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

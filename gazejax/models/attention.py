@@ -32,8 +32,6 @@ def dense_attention(
     num_kv_heads = key.shape[2]
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
-    if q_len == 1:
-        return _one_query_attention(query, key, value, mask, scale)
     q = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32) * scale
     mask = jnp.broadcast_to(mask, (batch, q_len, key.shape[1]))[:, None, None]
@@ -42,23 +40,36 @@ def dense_attention(
     return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
 
 
-def _one_query_attention(query, key, value, mask, scale):
-    """:func:`dense_attention` of one query (a decode step), reading the cache in its layout.
+def decode_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """:func:`dense_attention` of one query (a decode step) over the decoder's KV cache rows,
+    with the default scale ``head_dim ** -0.5``.
 
-    XLA:CPU would transpose ``key`` and ``value`` to head-major for the per-head products (two
-    extra passes over the cache per layer). Instead the scores are one matmul of every key row
-    with every query head, ``[batch, kv_len·num_kv_heads, head_dim] × [head_dim, num_heads]``,
-    whose head-matching entries are kept (``num_kv_heads``× the multiply-adds of a matrix-vector
-    product, still cheaper than the transposes), and the output a weighted sum over the keys.
+    The cache holds one contiguous ``[kv_len, head_dim]`` matrix per (sample, KV head), so the
+    scores and the output are matrix products batched over one axis, read in place: a
+    length-major cache is transposed for the products every layer, and a ``[batch, kv_heads,
+    ...]`` one makes XLA:CPU fuse the step's cache write into the products' reshape and copy
+    the whole cache.
+
+    Args:
+      query: ``[batch, 1, num_heads, head_dim]``.
+      key, value: ``[batch·num_kv_heads, kv_len, head_dim]``, row ``b·num_kv_heads + h``
+        holding sample ``b``'s KV head ``h``.
+      mask: bool, broadcastable to ``[batch, 1, kv_len]``; True where the query may attend.
+
+    Returns:
+      ``[batch, 1, num_heads, head_dim]`` in ``query.dtype``; zeros where the mask is all False.
     """
     batch, _, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1:3]
-    group = num_heads // num_kv_heads
-    q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("bkgd,blkd->blkg", q, key, preferred_element_type=jnp.float32) * scale
-    mask = jnp.broadcast_to(mask, (batch, 1, kv_len))[:, 0, :, None, None]
-    probs = _masked_softmax(scores, mask, axis=1).astype(value.dtype)
-    out = jnp.sum(probs[..., None] * value[:, :, :, None, :], axis=1)  # [b, kv, g, d]
+    rows, kv_len = key.shape[:2]
+    scale = head_dim**-0.5
+    q = query.reshape(rows, num_heads * batch // rows, head_dim)
+    scores = jnp.einsum("rgd,rld->rgl", q, key, preferred_element_type=jnp.float32) * scale
+    mask = jnp.broadcast_to(mask, (batch, 1, kv_len))[:, None]
+    mask = jnp.broadcast_to(mask, (batch, rows // batch, 1, kv_len)).reshape(rows, 1, kv_len)
+    probs = _masked_softmax(scores, mask, axis=-1).astype(value.dtype)
+    out = jnp.einsum("rgl,rld->rgd", probs, value)
     return out.reshape(batch, 1, num_heads, head_dim).astype(query.dtype)
 
 

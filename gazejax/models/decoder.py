@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from gazejax.models.attention import (
     apply_rope,
     causal_attention,
+    decode_attention,
     dense_attention,
     dense_visibility,
     rope_cos_sin,
@@ -96,8 +97,10 @@ class DecoderConfig:
 
 @flax.struct.dataclass
 class LayerCache:
-    """One layer's cache: keys and values ``[batch, max_len, num_kv_heads, head_dim]`` (keys
-    after the k-norm and RoPE, as attention reads them) and, for gaze attention, the region
+    """One layer's cache: keys and values ``[batch·num_kv_heads, max_len, head_dim]``, one
+    contiguous row block per (sample, KV head), row ``b·num_kv_heads + h`` (keys after the
+    k-norm and RoPE, as attention reads them; a decode step reads them in place,
+    :func:`~gazejax.models.attention.decode_attention`) and, for gaze attention, the region
     descriptors ``[batch, num_regions, num_kv_heads, head_dim]`` (else None)."""
 
     keys: jax.Array
@@ -135,7 +138,7 @@ class KVCache:
         """An empty cache; gaze attention needs the ``regions`` of the sequence to come."""
         if config.attention == "gaze" and regions is None:
             raise ValueError("a gaze attention cache needs the region table")
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch * config.num_kv_heads, max_len, config.head_dim)
         dtype = dtype or config.dtype
         descriptor_shape = (
             None
@@ -181,7 +184,7 @@ class KVCache:
         return KVCache(layers=layers, meta=meta, regions=regions, end=end)
 
 
-CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = ("cache_rows", "cache_length", "head_dim")  # cache_rows: batch · kv_heads
 
 
 def _param(init, *axes):
@@ -263,7 +266,7 @@ class Attention(nn.Module):
         """Attends ``x [batch, seq, embed]`` to itself, or to the cache when one is given.
 
         Returns the output ``[batch, seq, embed]`` and the layer's keys, values and region
-        descriptors as attended to (the updated cache entries when a cache is given).
+        descriptors as attended to (with a cache: the updated, head-major cache entries).
         """
         cfg = self.config
         heads = ("embed", "heads", "head_dim")
@@ -279,20 +282,25 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = apply_rope(k, inputs.cos, inputs.sin)
         descriptors = self._descriptors(k, pre_rope_k, inputs, layer_cache)
-        if layer_cache is not None:
-            index = (0, inputs.cache_start, 0, 0)
-            k = jax.lax.dynamic_update_slice(
-                layer_cache.keys, k.astype(layer_cache.keys.dtype), index
-            )
-            v = jax.lax.dynamic_update_slice(
-                layer_cache.values, v.astype(layer_cache.values.dtype), index
-            )
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
         split = current_sequence_split() if layer_cache is not None else None
+        # A decode step reads the cache rows in place; the other paths take it length-major.
+        heads_first = layer_cache is not None and q.shape[1] == 1 and split is None
+        if layer_cache is not None:
+            k = _written(layer_cache.keys, k, inputs.cache_start)
+            v = _written(layer_cache.values, v, inputs.cache_start)
+            cached = LayerCache(k, v, descriptors)
+            if cfg.attention == "gaze" or not heads_first:
+                shape = (q.shape[0], cfg.num_kv_heads, *k.shape[1:])
+                k, v = k.reshape(shape), v.reshape(shape)
+            if not heads_first:
+                k, v = (jnp.swapaxes(x, 1, 2) for x in (k, v))
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
         if split is not None and q.shape[1] == 1:  # decode over a sequence-split cache
             out, selection = split_decode_step(split, cfg, q, k, v, inputs, descriptors)
             if selection is not None:
                 self.sow("intermediates", "selection", selection)
+        elif cfg.attention == "dense" and heads_first:
+            out = decode_attention(q, k, v, inputs.mask)
         elif cfg.attention == "dense" and inputs.mask is not None:
             out = dense_attention(q, k, v, inputs.mask)
         elif cfg.attention == "dense":
@@ -311,6 +319,7 @@ class Attention(nn.Module):
                 routing=cfg.gaze_routing,
                 implementation=cfg.gaze_implementation,
                 return_selection=True,
+                heads_first=heads_first,
             )
             self.sow("intermediates", "selection", selection)
         out = _dense(
@@ -321,7 +330,7 @@ class Attention(nn.Module):
             "o_proj",
             num_in_axes=2,
         )(out)
-        return out, LayerCache(k, v, descriptors)
+        return out, cached if layer_cache is not None else LayerCache(k, v, descriptors)
 
     def _descriptors(self, k, pre_rope_k, inputs, layer_cache):
         """Region descriptors ``[batch, num_regions, kv_heads, head_dim]`` (gaze only).
@@ -342,6 +351,13 @@ class Attention(nn.Module):
             return split_descriptors(split, keys, inputs, layer_cache.keys.shape[1])
         previous = None if layer_cache is None else layer_cache.descriptors
         return region_descriptors(keys, inputs.query_meta, inputs.regions.num_regions, previous)
+
+
+def _written(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """The cache rows ``[batch·kv_heads, max_len, d]`` with ``new [batch, seq, kv_heads, d]``
+    written at slots ``[start, start + seq)`` (in place when the cache is donated)."""
+    new = jnp.swapaxes(new, 1, 2).reshape(cache.shape[0], -1, cache.shape[2])
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, start, 0))
 
 
 class MLP(nn.Module):
@@ -487,7 +503,11 @@ class Decoder(nn.Module):
         if logit_slots is not None:
             x = jnp.take_along_axis(x, logit_slots[..., None].astype(jnp.int32), axis=1)
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        if cfg.tie_embeddings:  # table first: XLA:CPU reads it in place (``attend`` copies it)
+            table = self.embed_tokens.embedding.astype(cfg.dtype)
+            logits = jnp.einsum("vd,bsd->bsv", table, x)
+        else:
+            logits = self.lm_head(x)
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32), ("batch", "length", "vocab")
         )

@@ -14,25 +14,52 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from kernels.gaze_attention import Selection, gaze_attention
 from kernels.gaze_attention.sharded_train import sharded_gaze_attention
 
 
 def gaze_attention_on_mesh(
-    *args, return_selection: bool = False, **options
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *args,
+    return_selection: bool = False,
+    heads_first: bool = False,
+    **options,
 ) -> jax.Array | tuple[jax.Array, Selection]:
-    """``gaze_attention(*args, return_selection=..., **options)``, split over the mesh.
+    """``gaze_attention(query, key, value, *args, return_selection=..., heads_first=...,
+    **options)``, split over the mesh.
 
     Takes ``gaze_attention``'s arguments (``query [batch, q_len, num_heads, head_dim]``, ...)
     and returns what it returns (``out [batch, q_len, num_heads, head_dim]``, and with
-    ``return_selection`` the :class:`Selection`).
+    ``return_selection`` the :class:`Selection`). A head-major ``key`` and ``value``
+    (``heads_first``) are split over the mesh length-major.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
-        return gaze_attention(*args, return_selection=return_selection, **options)
+        return gaze_attention(
+            query,
+            key,
+            value,
+            *args,
+            return_selection=return_selection,
+            heads_first=heads_first,
+            **options,
+        )
+    if heads_first:
+        key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
     batch, length, heads = nn.logical_to_mesh_axes(("batch", "length", "heads"))
     out, selection = sharded_gaze_attention(
-        *args, mesh=mesh, batch_axes=batch, head_axes=heads, sequence_axis=length, **options
+        query,
+        key,
+        value,
+        *args,
+        mesh=mesh,
+        batch_axes=batch,
+        head_axes=heads,
+        sequence_axis=length,
+        **options,
     )
     return (out, selection) if return_selection else out

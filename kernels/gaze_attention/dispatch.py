@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenMeta, region_table
@@ -100,6 +101,7 @@ def gaze_attention(
     implementation: Implementation = "reference",
     max_unrouted_tokens: int | None = None,
     return_selection: bool = False,
+    heads_first: bool = False,
 ) -> jax.Array | tuple[jax.Array, Selection]:
     """Gaze attention of ``query`` over a (region-major) sequence or KV cache.
 
@@ -130,6 +132,9 @@ def gaze_attention(
         tokens of a sample; with it decode reads just those and the selected regions (text
         queries only), without it decode reads the whole cache outside the regions.
       return_selection: also return the :class:`Selection` (where each query head looked).
+      heads_first: ``key`` and ``value`` are head-major, ``[batch, num_kv_heads, kv_len,
+        head_dim]`` (the decoder's cache). The xla decode reads them in place; every other
+        path gets them transposed to the length-major layout above.
 
     Returns:
       [batch, q_len, num_heads, head_dim] in ``query.dtype``; with ``return_selection``, also
@@ -138,8 +143,14 @@ def gaze_attention(
     routing_lib.validate_top_k(top_k)
     routing_lib.validate_routing(routing)
     implementation = resolve_implementation(implementation)
+    xla_decode = implementation == "xla" and query.shape[1] == 1
+    if heads_first and not xla_decode:
+        key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
+        heads_first = False
+    layout = {"heads_first": True} if heads_first else {}  # only the xla decode takes it
     num_heads, head_dim = query.shape[2:]
-    if key.shape != value.shape or key.shape[-1] != head_dim or num_heads % key.shape[2]:
+    num_kv_heads = key.shape[1 if heads_first else 2]
+    if key.shape != value.shape or key.shape[-1] != head_dim or num_heads % num_kv_heads:
         raise ValueError(
             f"incompatible shapes: query {query.shape}, key {key.shape}, value {value.shape}"
         )
@@ -147,7 +158,8 @@ def gaze_attention(
     if implementation == "reference":  # layout-agnostic: extents from the metadata
         regions = region_table(kv_meta, regions.num_regions, regions.capacity)
     if descriptors is None:
-        descriptors = routing_lib.region_descriptors(key, kv_meta, regions.num_regions)
+        length_major = jnp.swapaxes(key, 1, 2) if heads_first else key
+        descriptors = routing_lib.region_descriptors(length_major, kv_meta, regions.num_regions)
     allowed = routing_lib.routable(query_meta, regions)
     selection = routing_lib.select_regions(
         query, descriptors, allowed, top_k=top_k, routing=routing
@@ -163,6 +175,7 @@ def gaze_attention(
         routing=routing,
         scale=scale,
         max_unrouted_tokens=max_unrouted_tokens,
+        **layout,
     )
     out = out.astype(query.dtype)
     return (out, selection) if return_selection else out

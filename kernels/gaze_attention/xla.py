@@ -3,10 +3,11 @@
 Decode (``q_len == 1``) reads only what the query may see: the text and context tokens (the
 *unrouted* part), then the selected regions, each the cache slice ``start + [0, m)`` (tail
 beyond the region's length masked). Each KV head reads the union of its query heads' regions
-once (per-head routing; a per-head mask keeps each head to its own picks), gathered before the
-loop, then a ``lax.scan`` over chunks of a few regions runs an online softmax that starts from
-the unrouted part's state (the log-sum-exp merge). On XLA:CPU one big gather feeding a dot is
-slow, ``scan(unroll=True)`` slower still, and a cache that enters a loop is copied whole.
+once (per-head routing; a per-head mask keeps each head to its own picks), gathered in one go
+(no loop: a cache that enters a ``while`` loop is copied whole), and their softmax is merged
+with the unrouted part's state (log-sum-exp). Decode reads the cache length-major
+``[b, kv_len, kv_heads, d]`` or, with ``heads_first``, head-major ``[b, kv_heads, kv_len, d]``
+(the decoder's cache: each KV head's rows contiguous, no transpose anywhere).
 
 Many queries (prefill, training) run :mod:`~kernels.gaze_attention.blockwise`: query blocks ×
 key blocks under an online softmax, block pairs wholly in the future (or in a cache's unwritten
@@ -18,8 +19,6 @@ log-sum-exp beside the output, as the sequence-sharded decode (``sharded.py``) n
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -27,8 +26,6 @@ from kernels.gaze_attention import blockwise, reference
 from kernels.gaze_attention import routing as routing_lib
 from kernels.gaze_attention.metadata import RegionTable, TokenKind, TokenMeta, visibility
 from kernels.gaze_attention.routing import Selection
-
-REGIONS_PER_STEP = 8
 
 
 def attend_selected_xla(
@@ -43,12 +40,14 @@ def attend_selected_xla(
     routing: routing_lib.Routing,
     scale: float,
     max_unrouted_tokens: int | None = None,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Gaze attention given the selected regions: decode when ``q_len == 1``, else blockwise.
 
     Args:
       query: [batch, q_len, num_heads, head_dim].
-      key, value: [batch, kv_len, num_kv_heads, head_dim], region-major.
+      key, value: [batch, kv_len, num_kv_heads, head_dim], region-major; with ``heads_first``
+        [batch, num_kv_heads, kv_len, head_dim].
       query_meta: [batch, q_len]; kv_meta: [batch, kv_len] metadata.
       table: [batch, num_regions] extents of the regions ``selection`` indexes.
       selection: [batch, q_len, num_heads, top_k]; with ``routing="shared"`` the heads of a GQA
@@ -56,15 +55,22 @@ def attend_selected_xla(
       routing: ``"per_head"`` or ``"shared"``.
       scale: logit scale.
       max_unrouted_tokens: decode only; see :func:`unrouted_state`.
+      heads_first: the layout of ``key`` and ``value`` (see above).
 
     Returns:
       ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len, num_heads])`` float32,
       ``out`` normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
     """
+    if heads_first and query.shape[1] > 1:
+        key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
     if query.shape[1] > 1:
         return _blockwise(query, key, value, query_meta, kv_meta, table, selection, scale=scale)
-    state = unrouted_state(query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens)
-    peak, total, acc = _routed(query, key, value, table, selection, routing, scale, state)
+    state = unrouted_state(
+        query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens, heads_first
+    )
+    peak, total, acc = _routed(
+        query, key, value, table, selection, routing, scale, state, heads_first
+    )
     seen = total > 0
     out = acc / jnp.where(seen, total, 1.0)[..., None]
     lse = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
@@ -91,11 +97,13 @@ def unrouted_state(
     kv_meta: TokenMeta,
     scale: float,
     max_unrouted_tokens: int | None,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online-softmax state of the keys the query sees without routing, per KV head.
 
-    Shapes as for :func:`attend_selected_xla` with ``q_len == 1``; returns ``(max, sum
-    [batch, num_kv_heads, group], acc [batch, num_kv_heads, group, head_dim])`` float32.
+    Shapes and ``heads_first`` as for :func:`attend_selected_xla` with ``q_len == 1``; returns
+    ``(max, sum [batch, num_kv_heads, group], acc [batch, num_kv_heads, group, head_dim])``
+    float32.
 
     With ``max_unrouted_tokens`` only the cache's text and context slots (at most that many per
     sample) are gathered and read; the query must then be a text token. Without it the whole
@@ -107,64 +115,51 @@ def unrouted_state(
         slots = jax.vmap(lambda k: jnp.nonzero(k, size=max_unrouted_tokens, fill_value=0)[0])(keep)
         found = jnp.arange(max_unrouted_tokens) < keep.sum(axis=1, keepdims=True)
         take = jax.vmap(lambda x, i: x[i])
-        key, value = take(key, slots), take(value, slots)
+        take_tokens = jax.vmap(lambda x, i: x[:, i]) if heads_first else take
+        key, value = take_tokens(key, slots), take_tokens(value, slots)
         kv_meta = jax.tree.map(lambda x: jnp.where(found, take(x, slots), -1), kv_meta)
-    no_regions = jnp.zeros((*query.shape[:3], key.shape[1]), bool)
+    if not heads_first:
+        key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
+    no_regions = jnp.zeros((*query.shape[:3], key.shape[2]), bool)
     mask = visibility(query_meta, kv_meta, no_regions)[:, 0]  # [b, heads, kv_len]
     batch, _, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
+    num_kv_heads = key.shape[1]
     q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,blkd->bkgl", q, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkgd,bkld->bkgl", q, key, preferred_element_type=jnp.float32) * scale
     state = _empty_state(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    return _update(state, logits, mask.reshape(logits.shape), value.transpose(0, 2, 1, 3))
+    return _update(state, logits, mask.reshape(logits.shape), value)
 
 
-def _routed(query, key, value, table, selection, routing, scale, state):
+def _routed(query, key, value, table, selection, routing, scale, state, heads_first):
     """Adds the selected regions to ``state`` (per KV head, ``[b, kv_heads, group, ...]``).
 
     Each KV head reads the union of its query heads' regions once (:func:`_kv_head_regions`),
-    gathered before any loop: a cache that entered a ``while`` loop would be copied whole (it
-    is the step's donated output too). The gathered rows then go through the online softmax
-    :data:`REGIONS_PER_STEP` regions per ``lax.scan`` step, each query head masked to its own
-    regions. Rows are gathered as ``uint32`` words for 2-byte caches (see :func:`_as_rows`).
+    every region's ``m`` rows gathered in one go from the cache as laid out (``heads_first`` or
+    not: only the row numbers differ), each query head masked to its own regions. Rows are
+    gathered as ``uint32`` words for 2-byte caches (see :func:`_as_rows`).
     """
-    batch, _, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1:3]
-    group = num_heads // num_kv_heads
+    batch, _, _, head_dim = key.shape
+    num_kv_heads, kv_len = key.shape[1:3] if heads_first else key.shape[2:0:-1]
+    group = query.shape[2] // num_kv_heads
     region, sees = _kv_head_regions(selection, routing, group)  # [b, kv, n], [b, kv, g, n]
-    count = region.shape[-1]
-    num_steps = math.ceil(count / REGIONS_PER_STEP)
-    chunk = math.ceil(count / num_steps)
-    pad = [(0, 0), (0, 0), (0, num_steps * chunk - count)]
-    region = jnp.pad(region, pad)
-    sees = jnp.pad(sees, [(0, 0), *pad])
     start = jnp.take_along_axis(table.start[:, None], region, axis=-1)  # [b, kv, n]
     length = jnp.take_along_axis(table.length[:, None], region, axis=-1)
-
     slot = jnp.arange(table.capacity, dtype=jnp.int32)
     token = jnp.minimum(start[..., None] + slot, kv_len - 1)  # [b, kv, n, m]
     kv_head = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None, None]
-    sample = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None] * kv_len
-    row = (sample + token) * num_kv_heads + kv_head
+    sample = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+    if heads_first:
+        row = (sample * num_kv_heads + kv_head) * kv_len + token
+    else:
+        row = (sample * kv_len + token) * num_kv_heads + kv_head
+    row = row.reshape(batch, num_kv_heads, -1)
     mask = sees[..., None] & (slot < length[..., None])[:, :, None]  # [b, kv, g, n, m]
-
-    def per_step(x, axis):  # [..., n, m, ...] at ``axis`` -> [steps, ..., chunk·m, ...]
-        x = x.reshape(*x.shape[:axis], num_steps, chunk * table.capacity, *x.shape[axis + 2 :])
-        return jnp.moveaxis(x, axis, 0)
-
     keys, values = (
-        per_step(_as_rows(x).at[row].get(mode="promise_in_bounds"), 2) for x in (key, value)
+        _unpack(_as_rows(x).at[row].get(mode="promise_in_bounds"), x.dtype) for x in (key, value)
     )
     q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
-
-    def step(state, xs):
-        keys, values, mask = xs
-        keys, values = _unpack(keys, key.dtype), _unpack(values, value.dtype)
-        logits = jnp.einsum("bkgd,bknd->bkgn", q, keys) * scale
-        return _update(state, logits, mask, values), None
-
-    state, _ = jax.lax.scan(step, state, (keys, values, per_step(mask, 3)))
-    return state
+    logits = jnp.einsum("bkgd,bknd->bkgn", q, keys) * scale
+    return _update(state, logits, mask.reshape(logits.shape), values)
 
 
 def _kv_head_regions(selection: Selection, routing, group: int):
@@ -189,7 +184,7 @@ def _kv_head_regions(selection: Selection, routing, group: int):
 
 
 def _as_rows(x: jax.Array) -> jax.Array:
-    """[batch, len, heads, d] → [batch·len·heads, words]; 2-byte values packed in uint32 pairs."""
+    """[batch, a, b, d] → [batch·a·b, words]; 2-byte values packed in uint32 pairs."""
     rows = x.reshape(-1, x.shape[-1])
     if x.dtype.itemsize == 2:
         rows = jax.lax.bitcast_convert_type(rows.reshape(rows.shape[0], -1, 2), jnp.uint32)
