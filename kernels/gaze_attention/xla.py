@@ -55,14 +55,13 @@ def attend_selected_xla(
       routing: ``"per_head"`` or ``"shared"``.
       scale: logit scale.
       max_unrouted_tokens: decode only; see :func:`unrouted_state`.
-      heads_first: the layout of ``key`` and ``value`` (see above).
+      heads_first: the layout of ``key`` and ``value`` (see above); decode only (the
+        dispatcher hands every other path the length-major layout).
 
     Returns:
       ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len, num_heads])`` float32,
       ``out`` normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
     """
-    if heads_first and query.shape[1] > 1:
-        key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
     if query.shape[1] > 1:
         return _blockwise(query, key, value, query_meta, kv_meta, table, selection, scale=scale)
     state = unrouted_state(
