@@ -5,8 +5,9 @@
 #   make lint    ruff check and ruff format --check
 #   make reproduce  train the default dense and gaze models, then sweep methods x KV budgets
 #   make compile-kernels  compile every Pallas kernel for an H100 (sm_90) and TPU v5e/v6e on
-#                this CPU, deviceless, each compiler from its own venv (tests/aot/), and a
-#                sharded Pallas training step for a 4-chip v5e:2x2 slice
+#                this CPU, deviceless, each compiler from its own venv (tests/aot/), the
+#                decoder's decode step (no cache-sized copy) and a sharded Pallas training
+#                step for a 4-chip v5e:2x2 slice
 # train and reproduce install only the package and its runtime dependencies (pip install -e .);
 # test and lint add the [dev,lmms] extras and lmms-eval (requirements.txt,
 # requirements-lmms-eval.txt). Each stamp re-installs when the files it lists change.
@@ -68,6 +69,8 @@ AOT_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=localhost
 
 compile-kernels: .venv-aot-cuda/.installed .venv-aot-tpu/.installed
 	$(AOT_ENV) .venv-aot-cuda/bin/python tests/aot/compile_kernels.py --target sm90
+	$(AOT_ENV) .venv-aot-cuda/bin/python tests/aot/compile_decode_step.py --target sm90
 	$(AOT_ENV) .venv-aot-tpu/bin/python tests/aot/compile_kernels.py --target v5e
 	$(AOT_ENV) .venv-aot-tpu/bin/python tests/aot/compile_kernels.py --target v6e --sizes test
+	$(AOT_ENV) .venv-aot-tpu/bin/python tests/aot/compile_decode_step.py --target v5e
 	$(AOT_ENV) .venv-aot-tpu/bin/python tests/aot/compile_sharded_step.py

@@ -1,7 +1,9 @@
 """Decode-step latency: dense attention vs gaze attention over one KV cache, side by side.
 
 One new text token (16 query heads, 8 KV heads, head_dim 128) attends to a cache of
-``32 text + N visual (frames of 6×6 regions, 4 context tokens each) + 32 text`` tokens. Gaze
+``32 text + N visual (frames of 6×6 regions, 4 context tokens each) + 32 text`` tokens, held as
+the decoder holds it (head-major ``[1, kv_heads, slots, d]``, slots rounded up by
+``decoder.cache_slots``, the tail padding) and read in place by every implementation. Gaze
 selects K regions with ``K·m ≈ 16 %`` of N. Dense is a plain einsum attention over the whole
 cache (not ``jax.nn.dot_product_attention``, which is slow on CPU): the faster of an einsum and a
 broadcast-multiply-sum formulation, timed in the same loop.
@@ -23,7 +25,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from dense_reference import dense_decode
+from dense_reference import dense_decode, filled_slots
 from timing import median_ms
 from visual_units import visual_segments
 
@@ -33,6 +35,7 @@ from gazejax.gaze import (
     build_layout,
     gaze_kv_size,
 )
+from gazejax.models.decoder import cache_slots
 from kernels.gaze_attention import TokenKind, TokenMeta, gaze_attention, region_descriptors
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
@@ -40,15 +43,16 @@ REGION = (6, 6, 1)
 NUM_CONTEXT, TEXT_TOKENS, KV_FRACTION = 4, 32, 0.16
 
 
-def dense_broadcast(query, key, value, cache=None):
+def dense_broadcast(query, key, value, cache):
     """The same as :func:`dense_reference.dense_decode` by broadcast-multiply-sum (faster on
     XLA:CPU)."""
     batch, _, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    q = query.reshape(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = (q.astype(jnp.float32) * key[:, :, :, None]).sum(-1)  # [b, len, kv_heads, g]
-    probs = jax.nn.softmax(logits * head_dim**-0.5, axis=1)
-    out = (probs[..., None] * value[:, :, :, None]).sum(1)
+    num_kv_heads = key.shape[1]
+    q = query.reshape(batch, num_kv_heads, num_heads // num_kv_heads, 1, head_dim)
+    logits = (q.astype(jnp.float32) * key[:, :, None]).sum(-1)  # [b, kv_heads, g, slots]
+    logits = jnp.where(filled_slots(key, cache), logits * head_dim**-0.5, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = (probs[..., None] * value[:, :, None]).sum(-2)  # [b, kv_heads, g, d]
     return out.reshape(query.shape).astype(query.dtype)
 
 
@@ -62,6 +66,7 @@ def gaze_step(query, key, value, cache, **options):
         cache["kv_meta"],
         cache["regions"],
         descriptors=cache["descriptors"],
+        heads_first=True,
         **options,
     )
 
@@ -73,8 +78,9 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
         REGION,
         NUM_CONTEXT,
     )
-    kv_meta, table = batch_layouts([layout])
     length, regions, m = layout.length, layout.num_regions, layout.region_capacity
+    slots = cache_slots(length)
+    kv_meta, table = batch_layouts([layout], length=slots)
     top_k = max(1, round(KV_FRACTION * n_visual / m))
     unrouted = 2 * TEXT_TOKENS + NUM_CONTEXT * layout.num_units
     rng = np.random.default_rng(0)
@@ -82,13 +88,20 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
-    key, value = (normal(1, length, NUM_KV_HEADS, HEAD_DIM) for _ in range(2))
+    key, value = (normal(1, slots, NUM_KV_HEADS, HEAD_DIM) for _ in range(2))
     query = normal(1, 1, NUM_HEADS, HEAD_DIM)
     descriptors = region_descriptors(key, kv_meta, regions)
+    key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))  # the decoder's cache
     query_meta = TokenMeta(
         *(jnp.asarray([[x]], jnp.int32) for x in (TokenKind.TEXT, -1, -1, length))
     )
-    cache = dict(kv_meta=kv_meta, regions=table, descriptors=descriptors, query_meta=query_meta)
+    cache = dict(
+        kv_meta=kv_meta,
+        regions=table,
+        descriptors=descriptors,
+        query_meta=query_meta,
+        filled=jnp.int32(length),
+    )
     itemsize = jnp.dtype(dtype).itemsize
     dense_bytes = 2 * length * NUM_KV_HEADS * HEAD_DIM * itemsize
     dense = [jax.jit(dense_decode), jax.jit(dense_broadcast)]
@@ -109,7 +122,7 @@ def run_size(n_visual: int, dtype: str, routings, impls, reps: int) -> list[dict
                     top_k=top_k,
                     routing=route,
                     implementation=impl,
-                    max_unrouted_tokens=unrouted if impl == "xla" else None,
+                    max_unrouted_tokens=unrouted if impl != "reference" else None,
                 )
             )
             for impl in impls

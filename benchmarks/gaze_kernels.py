@@ -6,7 +6,9 @@ becomes one or two smaller units, ``visual_units.py``), K = 20. Everything runs 
 one process; times are medians of interleaved repetitions. A case that fails (out of memory, a
 compile error) becomes a row saying so, and the run goes on.
 
-Decode (one text query after ``32 text + N visual + 32 text`` cached tokens): per N and routing,
+Decode (one text query after ``32 text + N visual + 32 text`` cached tokens, in the decoder's
+head-major cache, ``[1, kv_heads, slots, d]`` with the slots rounded up as the decoder allocates
+them): per N and routing,
 ``dense`` (einsum/softmax over the whole cache), ``cudnn`` (on GPU: ``jax.nn.dot_product_attention``
 with cuDNN's fused kernel; a row notes where cuDNN has none), gaze ``xla`` and gaze ``pallas``
 (the flash-decoding kernel, default splits). ``must-read``
@@ -49,6 +51,7 @@ from timing import median_ms
 from visual_units import visual_segments
 
 from gazejax.gaze import TextSegment, batch_layouts, build_layout
+from gazejax.models.decoder import cache_slots
 from kernels.gaze_attention import (
     TokenKind,
     TokenMeta,
@@ -202,11 +205,12 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
         REGION,
         NUM_CONTEXT,
     )
-    kv_meta, table = batch_layouts([layout])
     length = layout.length
+    slots = cache_slots(length)  # allocated as the decoder does; the tail is padding
+    kv_meta, table = batch_layouts([layout], length=slots)
     dtype = jnp.dtype(args.dtype)
     rng = np.random.default_rng(n_visual)
-    key, value = (normal(rng, (1, length, num_kv_heads, head_dim), dtype) for _ in range(2))
+    key, value = (normal(rng, (1, slots, num_kv_heads, head_dim), dtype) for _ in range(2))
     query = normal(rng, (1, 1, num_heads, head_dim), dtype)
     descriptors = routing.region_descriptors(key, kv_meta, table.num_regions)
     query_meta = TokenMeta(
@@ -219,9 +223,17 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
     unrouted = int(((kind == TokenKind.TEXT) | (kind == TokenKind.CONTEXT)).sum())
 
     # Metadata, region table and descriptors are arguments (runtime data, as in a decode loop),
-    # so that XLA cannot constant-fold what depends on them.
-    cache = dict(query_meta=query_meta, kv_meta=kv_meta, table=table, descriptors=descriptors)
-    operands = (query, key, value, cache)
+    # so that XLA cannot constant-fold what depends on them. K and V are the decoder's
+    # head-major cache; cuDNN gets a length-major copy, its own layout.
+    cache = dict(
+        query_meta=query_meta,
+        kv_meta=kv_meta,
+        table=table,
+        descriptors=descriptors,
+        filled=jnp.int32(length),
+        length_major=(key, value),
+    )
+    operands = (query, *(jnp.swapaxes(x, 1, 2) for x in (key, value)), cache)
 
     def gaze(implementation):
         bound = None if implementation == "reference" else unrouted
@@ -239,6 +251,7 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
                 implementation=implementation,
                 max_unrouted_tokens=bound,
                 return_selection=True,
+                heads_first=True,
             )
         )
 
@@ -275,6 +288,7 @@ def run_decode(n_visual: int, route: str, args, info: dict) -> list[dict]:
         **{k: info[k] for k in ("device", "platform")},
         n_visual=n_visual,
         cache_len=length,
+        cache_slots=slots,
         routing=route,
         top_k=args.top_k,
         heads=list(args.heads),

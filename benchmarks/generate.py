@@ -61,7 +61,7 @@ import numpy as np
 
 from gazejax.convert import save_hf
 from gazejax.gaze import TextSegment, VisualSegment, batch_layouts, build_layout
-from gazejax.models.decoder import Decoder, DecoderConfig, KVCache
+from gazejax.models.decoder import Decoder, DecoderConfig, KVCache, cache_slots
 from kernels.gaze_attention import TokenKind, TokenMeta
 
 UNIT_SIDES = (24, 32)  # a visual unit is 24×24 = 576 tokens (32×32 where 576 does not divide N)
@@ -173,7 +173,7 @@ class JaxRunner:
         self.layout = layout
         length = embeds.shape[0]
         self.length = length
-        max_len = length + new_tokens + 1
+        max_len = cache_slots(length + new_tokens + 1)
         if layout is None:
             self.pieces = [
                 jnp.asarray(embeds[i : i + chunk])[None] for i in range(0, length, chunk)

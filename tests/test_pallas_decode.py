@@ -371,3 +371,37 @@ def test_unrouted_pieces_cover_the_visible_text_and_context():
             covered[s : s + n] = True
         np.testing.assert_array_equal(covered, seen[b])
         assert (length[b, count[b] :] == 0).all()
+
+
+def _cache_transposes(fn, *args) -> int:
+    """Transposes of cache-sized arrays in ``fn``'s jaxpr outside the kernel (whose operands
+    are what it reads from HBM)."""
+    cache_size = args[1].size
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return sum(
+        e.primitive.name == "transpose" and e.invars[0].aval.size >= cache_size for e in eqns
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_head_major_cache_is_read_in_place(backend):
+    """The decoder's cache, head-major ``[b, kv_heads, len, d]``: the kernel reads each (sample,
+    KV head)'s rows as they lie (nothing transposes the cache before it) and gives the
+    length-major call's output and lse; a length-major cache is transposed once."""
+    step = tied_video()
+    options = dict(routing="per_head", max_unrouted_tokens=32)
+    expected, _, selection, _, lse = step.expectations(top_k=3, **options)
+    q, k, v, *metadata = step.args
+    head_major = (jnp.swapaxes(jnp.asarray(x), 1, 2) for x in (k, v))
+    call = functools.partial(
+        pallas_decode.attend_selected_pallas_decode,
+        scale=step.scale,
+        backend=backend,
+        **options,
+    )
+    args = (q, *head_major, *metadata, selection)
+    out, got = jax.jit(functools.partial(call, heads_first=True))(*args)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, lse, rtol=1e-5, atol=1e-5)
+    assert _cache_transposes(functools.partial(call, heads_first=True), *args) == 0
+    assert _cache_transposes(call, q, jnp.asarray(k), jnp.asarray(v), *metadata, selection) == 2

@@ -76,6 +76,7 @@ class Spec:
     descriptors: bool = True  # False: each shard computes its own from its keys
     bounded: bool = False  # xla: max_unrouted_tokens = the most text + context slots on a shard
     mesh_shape: tuple[int, ...] = (NUM_DEVICES,)  # (sequence,) or (data, sequence)
+    heads_first: bool = False  # the decoder's head-major cache [b, kv_heads, len, d]
     seed: int = 0
 
 
@@ -96,6 +97,16 @@ SPECS = {
     "descriptors from the local keys": Spec(descriptors=False, seed=9),
     "context query (own unit, across shards)": Spec(query_kind=TokenKind.CONTEXT, seed=10),
     "visual query (dense, across shards)": Spec(query_kind=TokenKind.VISUAL, seed=11),
+    "head-major cache, bounded unrouted, batch 2": Spec(
+        samples=(TEXT_AROUND, IMAGE_AND_VIDEO),
+        bounded=True,
+        heads_first=True,
+        mesh_shape=(2, 4),
+        seed=12,
+    ),
+    "head-major cache, descriptors from the local keys": Spec(
+        descriptors=False, heads_first=True, routing="shared", seed=13
+    ),
 }
 IMPLEMENTATIONS = tuple(ATTEND_SELECTED)
 # Interpret-mode Pallas compiles slowly on CPU (seconds per step): a subset of the specs.
@@ -103,6 +114,7 @@ PALLAS_SPECS = (
     "K>regions, GQA 1, shared",
     "text-only shards, bounded unrouted",
     "batch of 2 on a data x sequence mesh",
+    "head-major cache, bounded unrouted, batch 2",
 )
 
 
@@ -165,6 +177,7 @@ decode = jax.jit(
         "scale",
         "implementation",
         "max_unrouted_tokens",
+        "heads_first",
     ),
 )
 oracle = jax.jit(gaze_attention, static_argnames=("top_k", "routing", "return_selection"))
@@ -182,8 +195,13 @@ def check_against_unsharded(spec: Spec, implementation: str) -> None:
         descriptors=data["descriptors"],
         return_selection=True,
     )
+    cache = (jnp.swapaxes(x, 1, 2) if spec.heads_first else x for x in (key, value))
     out, selection = decode(
-        *data["inputs"],
+        query,
+        *cache,
+        query_meta,
+        kv_meta,
+        table,
         data["descriptors"] if spec.descriptors else None,
         mesh=make_mesh(spec.mesh_shape),
         batch_axis="data" if len(spec.mesh_shape) > 1 else None,
@@ -191,6 +209,7 @@ def check_against_unsharded(spec: Spec, implementation: str) -> None:
         routing=spec.routing,
         implementation=implementation,
         max_unrouted_tokens=data["bound"] if spec.bounded else None,
+        heads_first=spec.heads_first,
     )
     assert out.dtype == query.dtype and out.shape == query.shape
     tolerance = 1e-2 if spec.dtype == "bfloat16" else 1e-5

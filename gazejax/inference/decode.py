@@ -28,7 +28,7 @@ from gazejax.inference.probes import selections_at
 from gazejax.inference.prompts import Prompt
 from gazejax.inference.sampling import sample_next_token
 from gazejax.inference.sequence_parallel import decode_shards, shard_prompt
-from gazejax.models.decoder import Decoder, KVCache
+from gazejax.models.decoder import Decoder, KVCache, cache_slots
 from gazejax.models.mllm import MultimodalModel
 from gazejax.sharding import mesh_rules
 from kernels.gaze_attention import TokenKind, TokenMeta
@@ -181,7 +181,9 @@ def _generate_answer(
         prompt.inputs,
         jnp.int32(prompt.last_slot),
         top_k=top_k,
-        max_len=prompt.length + (max_new_tokens if free_slot is None else 0),
+        max_len=prompt.length
+        if free_slot is not None
+        else cache_slots(prompt.length + max_new_tokens),
     )
     if free_slot is not None:
         cache = cache.replace(end=jnp.int32(free_slot))
@@ -262,7 +264,7 @@ def generate_token_ids(
         jnp.ones((batch, prompt_len), bool) if prompt_mask is None else prompt_mask.astype(bool)
     )
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = KVCache.empty(model.config, batch, prompt_len + max_new_tokens)
+    cache = KVCache.empty(model.config, batch, cache_slots(prompt_len + max_new_tokens))
     logits, cache = _extend(
         model, params, prompt_ids.astype(jnp.int32), positions, prompt_mask, cache
     )

@@ -185,6 +185,15 @@ class KVCache:
 
 
 CACHE_AXES = ("cache_rows", "cache_length", "head_dim")  # cache_rows: batch · kv_heads
+CACHE_SLOT_MULTIPLE = 128
+
+
+def cache_slots(tokens: int) -> int:
+    """Slots to allocate for ``tokens``: rounded up to a multiple of
+    :data:`CACHE_SLOT_MULTIPLE`. XLA's GPU matmuls pad other lengths, which copies every
+    layer's cache at every dense decode step (``tests/aot/compile_decode_step.py``), and the
+    Pallas decode reads windows aligned to the TPU's tiles; the extra slots are padding."""
+    return -(-tokens // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
 
 
 def _param(init, *axes):
@@ -283,13 +292,14 @@ class Attention(nn.Module):
         k = apply_rope(k, inputs.cos, inputs.sin)
         descriptors = self._descriptors(k, pre_rope_k, inputs, layer_cache)
         split = current_sequence_split() if layer_cache is not None else None
-        # A decode step reads the cache rows in place; the other paths take it length-major.
-        heads_first = layer_cache is not None and q.shape[1] == 1 and split is None
+        # A decode step reads the cache rows in place (dense: as rows; gaze and a split cache:
+        # head-major, a reshape); the many-query paths take it length-major.
+        heads_first = layer_cache is not None and q.shape[1] == 1
         if layer_cache is not None:
             k = _written(layer_cache.keys, k, inputs.cache_start)
             v = _written(layer_cache.values, v, inputs.cache_start)
             cached = LayerCache(k, v, descriptors)
-            if cfg.attention == "gaze" or not heads_first:
+            if cfg.attention == "gaze" or not heads_first or split is not None:
                 shape = (q.shape[0], cfg.num_kv_heads, *k.shape[1:])
                 k, v = k.reshape(shape), v.reshape(shape)
             if not heads_first:

@@ -93,10 +93,10 @@ def split_decode_step(
     descriptors: jax.Array | None,
 ) -> tuple[jax.Array, Selection | None]:
     """One decode step's attention ``[batch, 1, heads, head_dim]`` over the split cache ``k``,
-    ``v`` ``[batch, P·L, kv_heads, head_dim]``, and gaze's :class:`Selection` (global region
-    ids; None for dense attention)."""
+    ``v`` ``[batch, kv_heads, P·L, head_dim]`` (head-major, each shard's read in place), and
+    gaze's :class:`Selection` (global region ids; None for dense attention)."""
     if config.attention == "dense":
-        return sharded_dense_decode(q, k, v, inputs.mask, **split.options), None
+        return sharded_dense_decode(q, k, v, inputs.mask, heads_first=True, **split.options), None
     return sharded_gaze_decode(
         q,
         k,
@@ -109,5 +109,6 @@ def split_decode_step(
         routing=config.gaze_routing,
         implementation=resolve_implementation(config.gaze_implementation),
         max_unrouted_tokens=inputs.max_unrouted_tokens,
+        heads_first=True,
         **split.options,
     )

@@ -10,11 +10,14 @@ of ``key`` per region), selects every text query's top-K regions once
 
 (``out`` normalised, float32 or the query's dtype; ``out = 0`` and ``lse = -inf`` where a query
 head sees nothing), so the sequence-sharded decode (``sharded.py``) merges any of them by
-log-sum-exp. Registering another implementation is one line in :data:`ATTEND_SELECTED`.
+log-sum-exp. Registering another implementation is one line in :data:`ATTEND_SELECTED`. Every decode
+(``q_len == 1``) also takes ``heads_first`` (keys and values ``[b, kv_heads, kv_len, d]``, the
+decoder's cache) and reads it in place; many queries take length-major keys and values.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -46,10 +49,17 @@ def attend_selected_pallas(
     routing: routing_lib.Routing,
     scale: float,
     max_unrouted_tokens: int | None = None,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """The Pallas kernels with their defaults: decode when ``q_len == 1``, else the flash
-    training kernel (Mosaic on TPU, Triton on GPU, the interpreter on CPU)."""
-    attend = attend_selected_pallas_decode if query.shape[1] == 1 else attend_selected_pallas_train
+    """The Pallas kernels with their defaults: decode when ``q_len == 1`` (``heads_first``:
+    the cache as :func:`gaze_attention` takes it), else the flash training kernel (length-major
+    keys), on Mosaic on TPU, Triton on GPU, the interpreter on CPU."""
+    if query.shape[1] == 1:
+        attend = functools.partial(attend_selected_pallas_decode, heads_first=heads_first)
+    elif heads_first:
+        raise ValueError("the Pallas training kernel takes length-major keys and values")
+    else:
+        attend = attend_selected_pallas_train
     return attend(
         query,
         key,
@@ -133,8 +143,8 @@ def gaze_attention(
         queries only), without it decode reads the whole cache outside the regions.
       return_selection: also return the :class:`Selection` (where each query head looked).
       heads_first: ``key`` and ``value`` are head-major, ``[batch, num_kv_heads, kv_len,
-        head_dim]`` (the decoder's cache). The xla decode reads them in place; every other
-        path gets them transposed to the length-major layout above.
+        head_dim]`` (the decoder's cache). Every decode (``q_len == 1``) reads them in place;
+        many queries get them transposed to the length-major layout above.
 
     Returns:
       [batch, q_len, num_heads, head_dim] in ``query.dtype``; with ``return_selection``, also
@@ -143,11 +153,9 @@ def gaze_attention(
     routing_lib.validate_top_k(top_k)
     routing_lib.validate_routing(routing)
     implementation = resolve_implementation(implementation)
-    xla_decode = implementation == "xla" and query.shape[1] == 1
-    if heads_first and not xla_decode:
+    if heads_first and query.shape[1] > 1:
         key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
         heads_first = False
-    layout = {"heads_first": True} if heads_first else {}  # only the xla decode takes it
     num_heads, head_dim = query.shape[2:]
     num_kv_heads = key.shape[1 if heads_first else 2]
     if key.shape != value.shape or key.shape[-1] != head_dim or num_heads % num_kv_heads:
@@ -175,7 +183,7 @@ def gaze_attention(
         routing=routing,
         scale=scale,
         max_unrouted_tokens=max_unrouted_tokens,
-        **layout,
+        heads_first=heads_first,
     )
     out = out.astype(query.dtype)
     return (out, selection) if return_selection else out

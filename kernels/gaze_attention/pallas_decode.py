@@ -22,19 +22,22 @@ float32; bfloat16 keys and values meet bfloat16 queries and probabilities in the
 float32 accumulation (float32 inputs use ``HIGHEST`` precision). A row that sees nothing gives
 ``lse = -inf`` and output 0.
 
-Reads. A segment is read as one ``[rows, head_dim]`` window of one KV head (each row
-``head_dim`` contiguous elements) and rows outside the segment are masked, their values zeroed.
+Reads. The kernel reads the decoder's cache as it lies, ``[batch·kv_heads, kv_len, head_dim]``
+(``heads_first`` keys and values ``[batch, kv_heads, kv_len, head_dim]``, a free reshape): one
+(sample, KV head)'s slots are one contiguous matrix, so a segment is one contiguous window of
+``[rows, head_dim]`` (rows outside the segment masked, their values zeroed). A length-major cache
+``[batch, kv_len, kv_heads, head_dim]`` is transposed first: a copy of the whole cache per call,
+which a decode loop should not pay (the decoder passes its cache head-major).
 
 - GPU (Triton): segment lists as ordinary operands, plain loads of ``rows = next power of two
   >= m`` (at least 16) starting at the segment (clamped at the cache's end); the group's query
   rows padded to 16, Triton's smallest ``dot``.
-- TPU (Mosaic): segment lists by scalar prefetch (SMEM); K/V stay in HBM viewed as
-  ``[batch, kv_len, kv_heads · head_dim]`` so a KV head is a lane-aligned column block
-  (``head_dim`` a multiple of 128); windows start at a row that is a multiple of the sublane
-  tile (8 float32, 16 bfloat16) below the segment start, ``rows = m + tile - 1`` rounded up;
-  double-buffered ``make_async_copy`` DMAs into VMEM scratch (segment ``i + 1`` copies while
-  ``i`` computes). A cache whose length is not a multiple of the sublane tile is padded (a copy:
-  allocate caches in multiples of 16).
+- TPU (Mosaic): segment lists by scalar prefetch (SMEM); K/V stay in HBM and each window is a
+  DMA of whole ``head_dim`` rows (the lane dimension) starting at a row that is a multiple of
+  the sublane tile (8 float32, 16 bfloat16) below the segment start, ``rows = m + tile - 1``
+  rounded up; double-buffered ``make_async_copy`` DMAs into VMEM scratch (segment ``i + 1``
+  copies while ``i`` computes). A cache whose length is not a multiple of the sublane tile is
+  padded (a copy: allocate caches in multiples of 16).
 
 Without ``max_unrouted_tokens`` (any query kind: the whole cache outside the regions may be
 visible) the unrouted part is the xla decode's own (:func:`xla.unrouted_state`, which reads
@@ -62,7 +65,6 @@ from kernels.gaze_attention.routing import Selection
 
 MAX_GROUP = 30  # query heads per KV head: one bit each in an int32 mask
 TRITON_MIN_DOT = 16  # Triton's smallest dot dimension
-LANES = 128  # TPU vector lanes: a KV head's column block must start at a multiple
 PROGRAMS = {"triton": 256, "mosaic": 8}  # default programs to aim for: ~2 waves on 132 SMs
 
 __all__ = ["attend_selected_pallas_decode", "Window", "window"]
@@ -80,6 +82,7 @@ def attend_selected_pallas_decode(
     routing: routing_lib.Routing,
     scale: float,
     max_unrouted_tokens: int | None = None,
+    heads_first: bool = False,
     splits: int | None = None,
     backend: Backend | None = None,
     interpret: bool | None = None,
@@ -88,7 +91,8 @@ def attend_selected_pallas_decode(
 
     Args:
       query: [batch, 1, num_heads, head_dim].
-      key, value: [batch, kv_len, num_kv_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim]; with ``heads_first`` [batch,
+        num_kv_heads, kv_len, head_dim], read in place (length-major ones are transposed).
       query_meta: [batch, 1]; kv_meta: [batch, kv_len].
       table: [batch, num_regions] region table (static capacity ``m``).
       selection: [batch, 1, num_heads, top_k] regions (identical within a GQA group when
@@ -97,6 +101,7 @@ def attend_selected_pallas_decode(
       scale: logit scale.
       max_unrouted_tokens: static bound on a sample's text + context slots (the first that many
         in slot order are read, as in the xla decode); ``None`` reads the unrouted part in XLA.
+      heads_first: the layout of ``key`` and ``value`` (above).
       splits: programs per (sample, KV head), each over a contiguous chunk of its segments;
         default: enough for ~256 programs on GPU (~8 on TPU; 2 interpreted), at most the
         segments there may be.
@@ -112,15 +117,15 @@ def attend_selected_pallas_decode(
     routing_lib.validate_routing(routing)
     compiler = compiler_for(backend)
     interpret = interprets(interpret, compiler)
+    if not heads_first:
+        key, value = (jnp.swapaxes(x, 1, 2) for x in (key, value))
     batch, _, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
+    num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
     if group > MAX_GROUP:
         raise ValueError(f"at most {MAX_GROUP} query heads per KV head, got {group}")
     if compiler == "triton" and head_dim & (head_dim - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {head_dim}")
-    if compiler == "mosaic" and not interpret and head_dim % LANES:
-        raise ValueError(f"the TPU kernel needs head_dim a multiple of {LANES}, got {head_dim}")
     geometry = window(table.capacity, compiler, key.dtype)
     if max_unrouted_tokens is None:
         empty = jnp.zeros((batch, 1), jnp.int32)
@@ -138,8 +143,7 @@ def attend_selected_pallas_decode(
         pieces,
         regions,
         q,
-        _padded(key, geometry),
-        _padded(value, geometry),
+        *(_rows(x, geometry) for x in (key, value)),
         scale=scale,
         geometry=geometry,
         splits=splits,
@@ -147,7 +151,7 @@ def attend_selected_pallas_decode(
     )
     out, lse = _merge_splits(out, lse)  # [b, kv_heads, group(, d)]
     if max_unrouted_tokens is None:
-        state = xla.unrouted_state(query, key, value, query_meta, kv_meta, scale, None)
+        state = xla.unrouted_state(query, key, value, query_meta, kv_meta, scale, None, True)
         out, lse = _merge(out, lse, state)
     return out.reshape(batch, 1, num_heads, head_dim), lse.reshape(batch, 1, num_heads)
 
@@ -177,14 +181,17 @@ def window(capacity: int, compiler: Compiler, dtype) -> Window:
 # Segment lists (XLA).
 
 
-def _padded(cache: jax.Array, geometry: Window) -> jax.Array:
-    """``cache`` [batch, kv_len, ...] padded to a multiple of ``align`` slots, at least ``rows``
-    (every window lies inside; a no-op for the usual, aligned caches)."""
-    kv_len = cache.shape[1]
+def _rows(cache: jax.Array, geometry: Window) -> jax.Array:
+    """A head-major ``cache [batch, kv_heads, kv_len, d]`` as the kernels read it, ``[batch·
+    kv_heads, kv_len', d]`` (a reshape), its length padded to a multiple of ``align`` slots, at
+    least ``rows``, so that every window lies inside (a copy, but not for the usual, aligned
+    caches)."""
+    batch, num_kv_heads, kv_len, head_dim = cache.shape
+    rows = cache.reshape(batch * num_kv_heads, kv_len, head_dim)
     target = max(geometry.rows, -(-kv_len // geometry.align) * geometry.align)
     if target == kv_len:
-        return cache
-    return jnp.pad(cache, [(0, 0), (0, target - kv_len)] + [(0, 0)] * (cache.ndim - 2))
+        return rows
+    return jnp.pad(rows, [(0, 0), (0, target - kv_len), (0, 0)])
 
 
 def _unrouted_pieces(
@@ -374,21 +381,21 @@ def _mosaic_kernel(
 
     Scalar prefetch (SMEM, flattened): ``piece_*`` [batch(·pieces)], ``region_*``
     [batch·kv_heads(·union)]. ``q_ref``/``out_ref`` [group, d], ``lse_ref`` [group, 1];
-    ``k_hbm``/``v_hbm`` [batch, kv_len, kv_heads · d] in HBM; ``*_buf`` [2, rows, d] VMEM.
+    ``k_hbm``/``v_hbm`` [batch·kv_heads, kv_len, d] in HBM; ``*_buf`` [2, rows, d] VMEM.
     """
     b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    head_dim, kv_len = k_buf.shape[2], k_hbm.shape[1]
+    kv_len = k_hbm.shape[1]
+    cache_row = b * num_kv_heads + j  # this (sample, KV head)'s slots
     unrouted = piece_count[b]
-    first, last = _chunk(unrouted + region_count[b * num_kv_heads + j], split, splits)
+    first, last = _chunk(unrouted + region_count[cache_row], split, splits)
     all_heads = (1 << q_ref.shape[0]) - 1
-    column = pl.ds(pl.multiple_of(j * head_dim, min(head_dim, LANES)), head_dim)
 
     def piece(n):
         n = b * pieces + jnp.clip(n, 0, pieces - 1)
         return piece_start[n], piece_length[n], all_heads
 
     def region(n):
-        n = (b * num_kv_heads + j) * union + jnp.clip(n, 0, union - 1)
+        n = cache_row * union + jnp.clip(n, 0, union - 1)
         return region_start[n], region_length[n], region_heads[n]
 
     def copies(i, slot):
@@ -396,7 +403,7 @@ def _mosaic_kernel(
         fetch = _fetch_row(start, kv_len, geometry)
         rows = pl.ds(fetch, geometry.rows)
         dmas = tuple(
-            pltpu.make_async_copy(hbm.at[b, rows, column], buf.at[slot], sems.at[slot])
+            pltpu.make_async_copy(hbm.at[cache_row, rows], buf.at[slot], sems.at[slot])
             for hbm, buf, sems in ((k_hbm, k_buf, k_sems), (v_hbm, v_buf, v_sems))
         )
         return dmas, (start - fetch, length, heads)
@@ -459,11 +466,7 @@ def _mosaic_call(pieces, regions, q, key, value, *, scale, geometry, splits, int
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="gaze_decode",
-    )(
-        *(x.reshape(-1) for x in (*pieces, *regions)),
-        q,
-        *(x.reshape(*x.shape[:2], -1) for x in (key, value)),  # a KV head: a column block
-    )
+    )(*(x.reshape(-1) for x in (*pieces, *regions)), q, key, value)
     return out, lse[..., 0]
 
 
@@ -490,10 +493,11 @@ def _triton_kernel(
 
     ``piece_*``: [batch(, pieces)]; ``region_*``: [batch, kv_heads(, union)]; ``q_ref`` [batch,
     kv_heads, G, d] (G = group padded to 16 rows); ``out_ref`` [batch, kv_heads, splits, G, d];
-    ``lse_ref`` [batch, kv_heads, splits, G, 1]; ``k_ref``/``v_ref`` [batch, kv_len, kv_heads, d].
+    ``lse_ref`` [batch, kv_heads, splits, G, 1]; ``k_ref``/``v_ref`` [batch·kv_heads, kv_len, d].
     """
     b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    pieces, union, kv_len = piece_start.shape[1], region_start.shape[2], k_ref.shape[1]
+    pieces, num_kv_heads, union = piece_start.shape[1], region_start.shape[1], region_start.shape[2]
+    kv_len, cache_row = k_ref.shape[1], b * num_kv_heads + j
     unrouted = piece_count[b]
     first, last = _chunk(unrouted + region_count[b, j], split, splits)
     all_heads = (1 << group) - 1
@@ -511,8 +515,8 @@ def _triton_kernel(
     def body(i, state):
         start, length, heads = _segment(i, unrouted, piece, region)
         fetch = _fetch_row(start, kv_len, geometry)
-        keys = k_ref[b, pl.ds(fetch, geometry.rows), j, :]
-        values = v_ref[b, pl.ds(fetch, geometry.rows), j, :]
+        keys = k_ref[cache_row, pl.ds(fetch, geometry.rows), :]
+        values = v_ref[cache_row, pl.ds(fetch, geometry.rows), :]
         return _accumulate(state, q, keys, values, start - fetch, length, heads, scale)
 
     state = lax.fori_loop(first, last, body, _empty_state(*q.shape))

@@ -36,26 +36,31 @@ def tokens_in_regions(chosen: jax.Array, kv_region: jax.Array) -> jax.Array:
     return jnp.take_along_axis(chosen, index, axis=-1) & (kv_region >= 0)[:, None, None, :]
 
 
-def masked_softmax(query, key, value, mask, scale: float) -> tuple[jax.Array, jax.Array]:
+def masked_softmax(
+    query, key, value, mask, scale: float, heads_first: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Softmax attention under ``mask``, in float32, with the log-sum-exp of the visible logits.
 
     Shapes: query [batch, q_len, num_heads, head_dim], key/value [batch, kv_len, num_kv_heads,
-    head_dim], mask [batch, q_len, num_heads, kv_len]. Returns ``(out [batch, q_len, num_heads,
-    head_dim], lse [batch, q_len, num_heads])``, both float32; fully masked rows give ``out = 0``
-    and ``lse = -inf`` (and finite gradients).
+    head_dim] (``heads_first``: [batch, num_kv_heads, kv_len, head_dim]), mask [batch, q_len,
+    num_heads, kv_len]. Returns ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len,
+    num_heads])``, both float32; fully masked rows give ``out = 0`` and ``lse = -inf`` (and
+    finite gradients).
     """
     batch, q_len, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
+    num_kv_heads = key.shape[1 if heads_first else 2]
     group = num_heads // num_kv_heads
     q = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
     mask = mask.reshape(batch, q_len, num_kv_heads, group, -1)
-    logits = jnp.einsum("bqkgd,blkd->bqkgl", q, key, preferred_element_type=jnp.float32) * scale
+    keys = "bkld" if heads_first else "blkd"
+    logits = jnp.einsum(f"bqkgd,{keys}->bqkgl", q, key, preferred_element_type=jnp.float32)
+    logits = logits * scale
     peak = jax.lax.stop_gradient(jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1))
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     weights = jnp.exp(jnp.where(mask, logits - peak[..., None], -jnp.inf))
     total = weights.sum(axis=-1, keepdims=True)
     probs = weights / jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("bqkgl,blkd->bqkgd", probs, value.astype(jnp.float32))
+    out = jnp.einsum(f"bqkgl,{keys}->bqkgd", probs, value.astype(jnp.float32))
     total = total[..., 0]
     lse = jnp.where(total > 0, peak + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
     return out.reshape(batch, q_len, num_heads, head_dim), lse.reshape(batch, q_len, num_heads)
@@ -73,12 +78,14 @@ def attend_selected_reference(
     routing: routing_lib.Routing,
     scale: float,
     max_unrouted_tokens: int | None = None,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Masked dense attention given the regions each query head selected.
 
     Args:
       query: [batch, q_len, num_heads, head_dim] (``q_len == 1`` for decode; any works).
-      key, value: [batch, kv_len, num_kv_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim]; with ``heads_first`` [batch,
+        num_kv_heads, kv_len, head_dim].
       query_meta: [batch, q_len]; kv_meta: [batch, kv_len] metadata (``kv_meta.region`` indexes
         ``table``).
       table: [batch, num_regions]; only ``num_regions`` is read.
@@ -86,6 +93,7 @@ def attend_selected_reference(
       routing, max_unrouted_tokens: unused here (the selection is already per head; the dense
         mask reads the whole cache); accepted for a signature shared by every implementation.
       scale: logit scale.
+      heads_first: the layout of ``key`` and ``value`` (above).
 
     Returns:
       ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len, num_heads])`` float32,
@@ -94,4 +102,4 @@ def attend_selected_reference(
     del routing, max_unrouted_tokens
     selected = selected_tokens(selection, kv_meta.region, table.num_regions)
     mask = visibility(query_meta, kv_meta, selected)
-    return masked_softmax(query, key, value, mask, scale)
+    return masked_softmax(query, key, value, mask, scale, heads_first)

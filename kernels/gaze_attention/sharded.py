@@ -45,8 +45,9 @@ then merge), both latency-bound at these sizes.
 Layout contract (what ``gazejax.gaze.shard_layout.shard_layouts`` produces and
 :func:`check_sharded_layout` checks):
 
-- ``key``, ``value`` ``[batch, P·L, h_kv, d]`` and ``kv_meta`` ``[batch, P·L]``: shard ``s``
-  holds slots ``[s·L, (s+1)·L)``.
+- ``key``, ``value`` ``[batch, P·L, h_kv, d]`` (or head-major ``[batch, h_kv, P·L, d]``, the
+  decoder's cache, with ``heads_first``) and ``kv_meta`` ``[batch, P·L]``: shard ``s`` holds
+  slots ``[s·L, (s+1)·L)``.
 - Regions never straddle a shard boundary, and region ids are **shard-major**: shard ``s`` owns
   global region ids ``[s·R, (s+1)·R)`` (``R`` = regions per shard; unused ids have
   ``length == 0``), in the order of their slots. ``table`` ``[batch, P·R]`` and ``descriptors``
@@ -106,13 +107,15 @@ def sharded_gaze_decode(
     scale: float | None = None,
     implementation: str = "xla",
     max_unrouted_tokens: int | None = None,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, Selection]:
     """One gaze decode step over a sequence-sharded cache; see the module docstring.
 
     Args:
       query: [batch, 1, num_heads, head_dim], replicated over ``axis``.
       key, value: [batch, P·L, num_kv_heads, head_dim], sharded along the sequence over
-        ``axis`` (``P`` its size).
+        ``axis`` (``P`` its size); with ``heads_first`` [batch, num_kv_heads, P·L, head_dim]
+        (the decoder's cache), each shard's read in place.
       query_meta: [batch, 1] metadata of the query.
       kv_meta: [batch, P·L] metadata of the cache slots (global region ids), sharded like
         ``key``.
@@ -127,6 +130,7 @@ def sharded_gaze_decode(
       implementation: a key of :data:`~kernels.gaze_attention.dispatch.ATTEND_SELECTED`.
       max_unrouted_tokens: xla and pallas: static bound on the text + context slots of a
         sample **on one shard** (text queries only); see ``gaze_attention``.
+      heads_first: the layout of ``key`` and ``value`` (above).
 
     Returns:
       ``(out [batch, 1, num_heads, head_dim] in query.dtype, Selection [batch, 1, num_heads,
@@ -138,7 +142,7 @@ def sharded_gaze_decode(
         raise ValueError(
             f"implementation must be one of {tuple(ATTEND_SELECTED)}, got {implementation!r}"
         )
-    num_shards = _check_decode_shapes(query, key, value, mesh, axis)
+    num_shards = _check_decode_shapes(query, key, value, mesh, axis, heads_first)
     if table.num_regions % num_shards or table.num_regions == 0:
         raise ValueError(
             f"region slots {table.num_regions} must be a positive multiple of the {num_shards} "
@@ -146,8 +150,9 @@ def sharded_gaze_decode(
         )
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     replicated, split = PartitionSpec(batch_axis), PartitionSpec(batch_axis, axis)
+    cache = _cache_spec(batch_axis, axis, heads_first)
     args = (query, key, value, query_meta, kv_meta, table)
-    specs = (replicated, split, split, replicated, split, split)
+    specs = (replicated, cache, cache, replicated, split, split)
     if descriptors is not None:
         args, specs = args + (descriptors,), specs + (split,)
     step = functools.partial(
@@ -156,8 +161,11 @@ def sharded_gaze_decode(
         top_k=top_k,
         routing=routing,
         scale=scale,
+        heads_first=heads_first,
         attend=functools.partial(
-            ATTEND_SELECTED[implementation], max_unrouted_tokens=max_unrouted_tokens
+            ATTEND_SELECTED[implementation],
+            max_unrouted_tokens=max_unrouted_tokens,
+            heads_first=heads_first,
         ),
     )
     return jax.shard_map(
@@ -173,13 +181,21 @@ def sharded_gaze_decode(
     )(*args)
 
 
-def _check_decode_shapes(query, key, value, mesh, axis) -> int:
+def _cache_spec(batch_axis, axis: str, heads_first: bool) -> PartitionSpec:
+    """How a cache ``[batch, kv_len, kv_heads, d]`` (``heads_first``: ``[batch, kv_heads,
+    kv_len, d]``) is split: the batch over ``batch_axis``, the sequence over ``axis``."""
+    if heads_first:
+        return PartitionSpec(batch_axis, None, axis)
+    return PartitionSpec(batch_axis, axis)
+
+
+def _check_decode_shapes(query, key, value, mesh, axis, heads_first=False) -> int:
     """Raises ValueError unless the shapes are a decode step over ``P | kv_len`` shards of
     mesh axis ``axis``; returns ``P``."""
     if axis not in mesh.shape:
         raise ValueError(f"axis {axis!r} is not a mesh axis {tuple(mesh.shape)}")
     _, q_len, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1:3]
+    kv_len, num_kv_heads = key.shape[2:0:-1] if heads_first else key.shape[1:3]
     if (
         q_len != 1
         or key.shape != value.shape
@@ -211,6 +227,7 @@ def _shard_step(
     top_k,
     routing,
     scale,
+    heads_first,
     attend,
 ):
     """The body under ``shard_map``: local arrays of one shard, global ids in and out."""
@@ -218,9 +235,11 @@ def _shard_step(
     num_regions = table.num_regions  # R, this shard's region slots
     first_region = shard * num_regions
     kv_meta = _local_regions(kv_meta, first_region)
-    table = table.replace(start=jnp.where(table.length > 0, table.start - shard * key.shape[1], 0))
+    kv_len = kv_meta.kind.shape[1]  # L, this shard's slots
+    table = table.replace(start=jnp.where(table.length > 0, table.start - shard * kv_len, 0))
     if descriptors is None:
-        descriptors = routing_lib.region_descriptors(key, kv_meta, num_regions)
+        length_major = jnp.swapaxes(key, 1, 2) if heads_first else key
+        descriptors = routing_lib.region_descriptors(length_major, kv_meta, num_regions)
 
     region, valid = _global_top_k(
         query, descriptors, query_meta, table, first_region, axis=axis, top_k=top_k, routing=routing
@@ -270,6 +289,7 @@ def sharded_dense_decode(
     axis: str = "sequence",
     batch_axis: str | tuple[str, ...] | None = None,
     scale: float | None = None,
+    heads_first: bool = False,
 ) -> jax.Array:
     """Dense attention of one decode step over a cache sharded along its sequence over ``axis``:
     each shard attends to its own slots, the partial results merge by log-sum-exp as in
@@ -277,30 +297,33 @@ def sharded_dense_decode(
 
     Args:
       query: [batch, 1, num_heads, head_dim], replicated over ``axis``.
-      key, value: [batch, P·L, num_kv_heads, head_dim], sharded along the sequence.
+      key, value: [batch, P·L, num_kv_heads, head_dim], sharded along the sequence; with
+        ``heads_first`` [batch, num_kv_heads, P·L, head_dim], read in place.
       mask: bool [batch, 1, P·L], True where the query sees the slot (sharded like ``key``).
       mesh, axis, batch_axis: as :func:`sharded_gaze_decode`.
       scale: logit scale; default ``1 / sqrt(head_dim)``.
+      heads_first: the layout of ``key`` and ``value`` (above).
 
     Returns:
       [batch, 1, num_heads, head_dim] in ``query.dtype``, replicated over ``axis``; zeros where
       the query sees nothing.
     """
-    _check_decode_shapes(query, key, value, mesh, axis)
-    if mask.shape != (query.shape[0], 1, key.shape[1]):
+    _check_decode_shapes(query, key, value, mesh, axis, heads_first)
+    if mask.shape != (query.shape[0], 1, key.shape[2 if heads_first else 1]):
         raise ValueError(f"mask {mask.shape} must be [batch, 1, kv_len] of key {key.shape}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    replicated, split = PartitionSpec(batch_axis), PartitionSpec(batch_axis, axis)
+    replicated = PartitionSpec(batch_axis)
+    cache = _cache_spec(batch_axis, axis, heads_first)
 
     def step(query, key, value, mask):
-        mask = jnp.broadcast_to(mask[:, :, None, :], (*query.shape[:3], key.shape[1]))
-        out, lse = masked_softmax(query, key, value, mask, scale)
+        mask = jnp.broadcast_to(mask[:, :, None, :], (*query.shape[:3], mask.shape[-1]))
+        out, lse = masked_softmax(query, key, value, mask, scale, heads_first)
         return _merge_partials(out, lse, axis).astype(query.dtype)
 
     return jax.shard_map(
         step,
         mesh=mesh,
-        in_specs=(replicated, split, split, PartitionSpec(batch_axis, None, axis)),
+        in_specs=(replicated, cache, cache, PartitionSpec(batch_axis, None, axis)),
         out_specs=replicated,
         check_vma=False,  # replication after psum is not statically checked (see above)
     )(query, key, value, mask)

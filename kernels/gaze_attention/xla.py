@@ -56,13 +56,15 @@ def attend_selected_xla(
       scale: logit scale.
       max_unrouted_tokens: decode only; see :func:`unrouted_state`.
       heads_first: the layout of ``key`` and ``value`` (see above); decode only (the
-        dispatcher hands every other path the length-major layout).
+        dispatcher hands many queries the length-major layout).
 
     Returns:
       ``(out [batch, q_len, num_heads, head_dim], lse [batch, q_len, num_heads])`` float32,
       ``out`` normalised; ``out = 0`` and ``lse = -inf`` where the query sees nothing.
     """
     if query.shape[1] > 1:
+        if heads_first:
+            raise ValueError("many queries take length-major keys and values")
         return _blockwise(query, key, value, query_meta, kv_meta, table, selection, scale=scale)
     state = unrouted_state(
         query, key, value, query_meta, kv_meta, scale, max_unrouted_tokens, heads_first

@@ -11,9 +11,11 @@ TPUs. Both compilers run here without a device (PLATFORM.md):
 
 Each variant (kernel × routing × dtype × size) is traced with abstract arguments placed on the
 target's topology, lowered and compiled with ``interpret=False``; the kernels then run the
-device code path they run on that device. ``test`` sizes are the unit tests' shapes with
-realistic heads; ``realistic`` is Qwen3-4B attention (32 query / 8 KV heads, head_dim 128) over
-4608 visual + 2048 text tokens, so a VMEM overrun fails here. Variants known not to compile yet
+device code path they run on that device. The decode kernel reads the decoder's head-major
+cache ``[batch, kv_heads, len, head_dim]``, as a decode step hands it over. The ``test`` size is
+the unit tests' layout with realistic heads, ``head_dim_64`` the same with 64-wide heads, and
+``realistic`` Qwen3-4B attention (32 query / 8 KV heads, head_dim 128) over 4608 visual + 2048
+text tokens, so a VMEM overrun fails here. Variants known not to compile yet
 are listed in :data:`KNOWN_FAILURES` with the reason: they must still fail (a variant that starts
 to compile fails the run until it is taken off the list), every other one must compile.
 
@@ -86,6 +88,8 @@ class Size:
 SIZES = {
     # The unit tests' layouts (text, two images, text) with realistic heads.
     "test": Size(8, 2, 128, (TextSegment(5), VisualSegment(12, 12, 2), TextSegment(40)), 2),
+    # 64-wide heads (Qwen2.5-0.5B's): the TPU decode once needed a multiple of 128 lanes.
+    "head_dim_64": Size(14, 2, 64, (TextSegment(5), VisualSegment(12, 12, 2), TextSegment(40)), 2),
     # Qwen3-4B attention; 8 frames of 24×24 = 4608 visual tokens, 2048 text tokens.
     "realistic": Size(
         32, 8, 128, (TextSegment(32), VisualSegment(24, 24, 8), TextSegment(2016)), 20
@@ -116,7 +120,8 @@ def variant_function(kernel: str, routing: str, size: Size, backend: str):
     query_meta = jax.tree.map(lambda x: x[:, -1:], meta) if decode else meta
 
     def select(query, key):
-        descriptors = region_descriptors(key, meta, table.num_regions)
+        length_major = jnp.swapaxes(key, 1, 2) if decode else key
+        descriptors = region_descriptors(length_major, meta, table.num_regions)
         allowed = routable(query_meta, table)
         return select_regions(query, descriptors, allowed, top_k=size.top_k, routing=routing)
 
@@ -130,6 +135,7 @@ def variant_function(kernel: str, routing: str, size: Size, backend: str):
                 routing=routing,
                 scale=scale,
                 max_unrouted_tokens=2048 + 64,
+                heads_first=True,
                 backend=backend,
                 interpret=False,
             )
@@ -159,10 +165,11 @@ def compile_variant(target, mesh, kernel, routing, dtype, size_name) -> tuple[bo
     def spec(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=replicated)
 
+    cache = (1, size.num_kv_heads, kv_len) if kernel == "decode" else (1, kv_len, size.num_kv_heads)
     args = (
         spec(1, q_len, size.num_heads, size.head_dim),
-        spec(1, kv_len, size.num_kv_heads, size.head_dim),
-        spec(1, kv_len, size.num_kv_heads, size.head_dim),
+        spec(*cache, size.head_dim),
+        spec(*cache, size.head_dim),
     )
     start = time.perf_counter()
     try:
@@ -201,7 +208,7 @@ def main() -> int:
     print(f"target {args.target}: {mesh.devices.flat[0].device_kind}", flush=True)
     rows, unexpected = [], 0
     for size in args.sizes:
-        # The realistic size: bfloat16 (what a model trains and decodes in), per-head routing
+        # The other sizes: bfloat16 (what a model trains and decodes in), per-head routing
         # (shared routing changes the selection, not the kernels' code or blocks).
         dtypes, routings = (DTYPES, ROUTINGS) if size == "test" else (("bfloat16",), ("per_head",))
         for kernel in args.kernels:
