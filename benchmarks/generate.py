@@ -23,22 +23,31 @@ their greedy tokens must agree exactly; asserted). ``gaze`` gets the same embedd
 region-major storage order with the visual-unit metadata (text attends to the K selected regions
 plus all text and context tokens), so its tokens may differ: the agreement fraction is reported.
 
-Prefill is timed once per method, in chunks that bound the attention matrix: ``dense`` and ``hf``
+Prefill is timed once per method (for contexts up to the model's ``prefill_up_to``, or
+``--prefill-up-to``), in chunks that bound the attention matrix: ``dense`` and ``hf``
 in chunks of ``--prefill-chunk`` tokens, ``gaze`` in chunks of whole visual units (as many as fit
 in ``--prefill-chunk`` slots, at least one; the text goes with the last unit), since a unit's
 tokens are stored region-major; JAX compile time is excluded and reported apart.
-Then every method decodes ``--new-tokens`` tokens greedily, one forward pass + argmax per step, the
-three methods' steps interleaved; tokens/s is ``1000 / median step ms``.
+A longer context is not prefilled (28 layers of prefill at 16384 tokens take tens of minutes on
+a 2-core CPU): every layer's cache is filled with the same random keys and values (standard
+normal, as cached, after the k-norm and RoPE) in all three, gaze's in its storage order with its
+region descriptors computed from them, and a random token starts the decoding; its rows say
+``random`` and measure decode only. Then every method decodes ``--new-tokens`` tokens greedily,
+one forward pass + argmax per step, the three methods' steps interleaved; tokens/s is
+``1000 / median step ms``. Caches are allocated as the decoder's users get them
+(``decoder.cache_slots``: a multiple of 128 slots).
 
 The floor per step is the bytes one step must read (all weights, the tied LM head included, plus
 the KV cache: all of it for dense and hf; the selected regions (per-head routing: ``heads·K``,
 the union's upper bound), text, context tokens and region descriptors for gaze) divided by a
-measured streaming-read bandwidth of this machine.
+measured streaming-read bandwidth of this machine; ``by the bytes floor`` is dense's floor over
+gaze's, the speed-up over dense that gaze's bytes allow.
 
-    python benchmarks/generate.py              # small at 576 4608 16384, qwen3-0.6b at 576 4608
-    python benchmarks/generate.py --models qwen3-0.6b --contexts 4608 16384
-    python benchmarks/generate.py --quick      # smoke run: vocab 32768, N = 576, 8 tokens,
-                                               # qwen3-0.6b cut to 4 layers
+    python benchmarks/generate.py      # small at 576 4608 16384 (prefilled), qwen3-0.6b at 576
+                                       # (prefilled), 4608 and 16384 (random caches)
+    python benchmarks/generate.py --models qwen3-0.6b --contexts 4608 --prefill-up-to 4608
+    python benchmarks/generate.py --quick   # smoke run: vocab 32768, 8 tokens, small at 576,
+                                            # qwen3-0.6b cut to 4 layers at 576 and 4608
 
 Prints a table and writes ``benchmarks/results/generate_<platform>.json``.
 """
@@ -46,6 +55,7 @@ Prints a table and writes ``benchmarks/results/generate_<platform>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -61,8 +71,15 @@ import numpy as np
 
 from gazejax.convert import save_hf
 from gazejax.gaze import TextSegment, VisualSegment, batch_layouts, build_layout
-from gazejax.models.decoder import Decoder, DecoderConfig, KVCache, cache_slots
-from kernels.gaze_attention import TokenKind, TokenMeta
+from gazejax.models.decoder import (
+    Decoder,
+    DecoderConfig,
+    KVCache,
+    LayerCache,
+    cache_slots,
+    text_meta,
+)
+from kernels.gaze_attention import TokenKind, TokenMeta, region_descriptors
 
 UNIT_SIDES = (24, 32)  # a visual unit is 24×24 = 576 tokens (32×32 where 576 does not divide N)
 REGION = (6, 6, 1)
@@ -72,16 +89,17 @@ FLOAT_BYTES = 4
 MODELS = {
     "small": dict(
         layers=2, hidden=896, intermediate=4864, heads=14, kv_heads=2, head_dim=64,
-        contexts=(576, 4608, 16384),
+        contexts=(576, 4608, 16384), prefill_up_to=16384, new_tokens=32,
     ),
     "qwen3-0.6b": dict(
         layers=28, hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128,
-        contexts=(576, 4608),
+        contexts=(576, 4608, 16384), prefill_up_to=576, new_tokens=8,
     ),
 }  # fmt: skip
-# --quick: one context per model and the 28-layer shape cut to 4 layers (compile time dominates).
-QUICK = {"small": dict(contexts=(576,)), "qwen3-0.6b": dict(contexts=(576,), layers=4)}
+# --quick: few contexts and the 28-layer shape cut to 4 layers (compile time dominates).
+QUICK = {"small": dict(contexts=(576,)), "qwen3-0.6b": dict(contexts=(576, 4608), layers=4)}
 SHAPE_FLAGS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim")  # overrides
+MODEL_FLAGS = (*SHAPE_FLAGS, "prefill_up_to", "new_tokens")
 
 
 def model_config(args, attention: str, top_k: int = 1) -> DecoderConfig:
@@ -166,34 +184,39 @@ def _unit_chunks(unit: np.ndarray, chunk: int) -> list[int]:
 
 
 class JaxRunner:
-    """Prefill (timed, compile excluded) and one-token greedy steps of a gazejax Decoder."""
+    """A gazejax Decoder's cache, filled by a timed prefill (compile excluded) or with given
+    keys and values, then one-token greedy steps."""
 
     def __init__(self, name, model, params, embeds, new_tokens, chunk, layout=None):
         self.name, self.model, self.params = name, model, params
         self.layout = layout
         length = embeds.shape[0]
         self.length = length
-        max_len = cache_slots(length + new_tokens + 1)
+        self.slots = cache_slots(length + new_tokens + 1)
+        self.regions = None
         if layout is None:
             self.pieces = [
                 jnp.asarray(embeds[i : i + chunk])[None] for i in range(0, length, chunk)
             ]
-            cache = KVCache.empty(model.config, 1, max_len)
         else:
             meta, regions = batch_layouts([layout])
-            self.regions = regions
+            self.meta, self.regions = meta, regions
             storage = jnp.asarray(layout.to_storage(embeds))[None]
             cuts = _unit_chunks(np.asarray(meta.unit[0]), chunk)
             self.pieces = [
                 (storage[:, a:b], jax.tree.map(lambda x, a=a, b=b: x[:, a:b], meta))
                 for a, b in zip(cuts[:-1], cuts[1:], strict=True)
             ]
-            cache = KVCache.empty(model.config, 1, max_len, regions=regions)
             self.unrouted = TEXT_TOKENS + NUM_CONTEXT * layout.num_units + new_tokens + 1
-        self.cache = cache
+
+    def _empty(self, num_layers: int) -> KVCache:
+        """An empty cache of the runner's slots with ``num_layers`` layers of zeros."""
+        config = dataclasses.replace(self.model.config, num_layers=num_layers)
+        return KVCache.empty(config, 1, self.slots, regions=self.regions)
 
     def prefill(self) -> tuple[float, float]:
         """Returns (compile s, prefill s); leaves the first greedy token in ``self.token``."""
+        self.cache = self._empty(self.model.config.num_layers)
         begin = time.perf_counter()
         if self.layout is None:
             fn = jax.jit(_prefill_dense, static_argnums=0, donate_argnums=3)
@@ -224,8 +247,41 @@ class JaxRunner:
         self.token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         jax.block_until_ready((self.token, cache))
         prefill_s = time.perf_counter() - begin
-        self.cache, self.position = cache, self.length
+        self.cache = cache
+        return compile_s + self._compile_step(), prefill_s
+
+    def fill(self, layer_kv, token: int) -> tuple[float, None]:
+        """The cache holding ``layer_kv(i) -> (keys, values)`` (``[length, kv_heads, d]``
+        arrays in raster order, as cached: after the k-norm and RoPE) instead of a prefill's,
+        and ``token`` as the first greedy token; returns (compile s, None)."""
+        empty = self._empty(0)  # metadata only: no zeros beside the filled layers
+        layers = []
+        for i in range(self.model.config.num_layers):
+            keys, values = layer_kv(i)
+            if self.layout is not None:  # gaze stores each unit region-major
+                keys, values = self.layout.to_storage(keys), self.layout.to_storage(values)
+            rows = [_as_rows(x, self.slots) for x in (keys, values)]
+            descriptors = None
+            if self.layout is not None:
+                descriptors = region_descriptors(
+                    jnp.asarray(keys)[None], self.meta, self.regions.num_regions
+                )
+            layers.append(LayerCache(*rows, descriptors))
+        if self.layout is None:
+            positions = jnp.arange(self.length, dtype=jnp.int32)[None]
+            meta = text_meta(positions, jnp.ones((1, self.length), bool))
+        else:
+            meta = self.meta
+        self.cache = empty.update(
+            layers, empty.write_meta(meta, jnp.int32(0)), empty.regions, jnp.int32(self.length)
+        )
+        self.token = jnp.asarray([token], jnp.int32)
+        return self._compile_step(), None
+
+    def _compile_step(self) -> float:
+        """Compiles the one-token step for the current cache; returns the seconds it took."""
         begin = time.perf_counter()
+        self.position = self.length
         if self.layout is None:
             self._step = (
                 jax.jit(_step_dense, static_argnums=0, donate_argnums=3)
@@ -238,7 +294,7 @@ class JaxRunner:
                 .lower(self.model, self.params, self.token, jnp.int32(0), self.cache, self.unrouted)
                 .compile()
             )
-        return compile_s + time.perf_counter() - begin, prefill_s
+        return time.perf_counter() - begin
 
     def first_token(self) -> int:
         return int(self.token[0])
@@ -252,6 +308,12 @@ class JaxRunner:
             )
         self.position += 1
         return int(self.token[0])  # blocks
+
+
+def _as_rows(x: np.ndarray, slots: int) -> jax.Array:
+    """``x [length, kv_heads, d]`` as the cache rows ``[kv_heads, slots, d]`` (tail zeros)."""
+    rows = np.swapaxes(x, 0, 1)
+    return jnp.asarray(np.pad(rows, [(0, 0), (0, slots - rows.shape[1]), (0, 0)]))
 
 
 # --- transformers ------------------------------------------------------------------------------
@@ -299,6 +361,20 @@ class HFRunner:
         self.token = out.logits[:, -1].argmax(-1)
         self.cache = cache
         return 0.0, time.perf_counter() - begin
+
+    def fill(self, layer_kv, token: int) -> tuple[float, None]:
+        """:meth:`JaxRunner.fill`: a ``DynamicCache`` holding ``layer_kv(i)``."""
+        import transformers
+
+        self.cache = transformers.DynamicCache()
+        for i in range(self.model.config.num_hidden_layers):
+            keys, values = (
+                self.torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 0, 1))[None])
+                for x in layer_kv(i)
+            )
+            self.cache.update(keys, values, i)
+        self.token = self.torch.tensor([token])
+        return 0.0, None
 
     def first_token(self) -> int:
         return int(self.token[0])
@@ -366,6 +442,15 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
     text_ids = rng.integers(0, args.vocab, TEXT_TOKENS)
     embeds[-TEXT_TOKENS:] = table[text_ids]  # raster order: units+context, then text
 
+    prefilled = n_visual <= args.prefill_up_to
+    if not prefilled:  # the cache is filled with random keys and values instead
+
+        def layer_kv(i):  # the same for every runner: [length, kv_heads, head_dim] K and V
+            draw = np.random.default_rng((n_visual, i))
+            shape = (length, args.kv_heads, args.head_dim)
+            return tuple(draw.standard_normal(shape, np.float32) for _ in range(2))
+
+        first_token = int(rng.integers(0, args.vocab))
     runners = [
         JaxRunner("dense", dense_model, params, embeds, args.new_tokens, args.prefill_chunk),
         JaxRunner(
@@ -381,7 +466,8 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
     ]
     compile_s, prefill_s, tokens, step_ms = {}, {}, {}, {}
     for r in runners:
-        compile_s[r.name], prefill_s[r.name] = r.prefill()
+        filled = r.prefill() if prefilled else r.fill(layer_kv, first_token)
+        compile_s[r.name], prefill_s[r.name] = filled
         tokens[r.name] = [r.first_token()]
         step_ms[r.name] = []
     for _ in range(args.new_tokens):
@@ -403,6 +489,7 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
         unit_side=side,
         units=units,
         prompt_length=length,
+        cache="prefill" if prefilled else "random",
         top_k=top_k,
         region_size=m,
         gaze_kv_fraction=top_k * m / n_visual,
@@ -416,6 +503,7 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
         gaze_vs_hf=tok_s["gaze"] / tok_s["hf"],
         gaze_vs_dense=tok_s["gaze"] / tok_s["dense"],
         floor=floors,
+        floor_gaze_vs_dense=floors["dense"]["bytes"] / floors["gaze"]["bytes"],
         tokens=tokens,
         dense_equals_hf=tokens["dense"] == tokens["hf"],
         gaze_agreement=float(agree),
@@ -423,8 +511,6 @@ def run_context(args, n_visual, dense_model, gaze_model, params, table, hf_folde
 
 
 def _with_top_k(config: DecoderConfig, top_k: int) -> DecoderConfig:
-    import dataclasses
-
     return dataclasses.replace(config, gaze_top_k=top_k)
 
 
@@ -443,10 +529,19 @@ def parse_args(argv=None):
         default=None,
         help="visual tokens (multiples of 576 or 1024); default: each model's (MODELS)",
     )
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="default: the model's (MODELS; --quick: 8)"
+    )
     parser.add_argument("--vocab", type=int, default=151936)
     for flag in SHAPE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
+    parser.add_argument(
+        "--prefill-up-to",
+        type=int,
+        default=None,
+        help="prefill contexts up to this many visual tokens; a longer context's cache is "
+        "filled with random keys and values, for its decode steps only (default: the model's)",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument(
         "--routing",
@@ -458,22 +553,22 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: QUICK (576 visual tokens, qwen3-0.6b with 4 layers), 8 new tokens, "
-        "vocab 32768",
+        help="smoke run: QUICK (small at 576, qwen3-0.6b with 4 layers at 576 and 4608), 8 new "
+        "tokens, vocab 32768",
     )
     parser.add_argument(
         "--out", default=None, help="JSON path; default benchmarks/results/generate_<platform>.json"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.new_tokens, args.vocab = 8, 32768
+        args.new_tokens, args.vocab = args.new_tokens or 8, 32768
     return args
 
 
 def model_args(args, name: str) -> argparse.Namespace:
     """``args`` with the shape of ``MODELS[name]`` (less the flags given) and its contexts."""
     shape = dict(MODELS[name], **(QUICK[name] if args.quick else {}))
-    shape.update({k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None})
+    shape.update({k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None})
     shape["contexts"] = list(args.contexts or shape["contexts"])
     return argparse.Namespace(**{**vars(args), **shape, "model": name})
 
@@ -487,8 +582,7 @@ def main(argv=None) -> dict:
     print(
         f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores); float32; region {REGION[:2]}, routing {args.routing}, "
-        f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; {args.new_tokens} new tokens; "
-        f"read bandwidth {bandwidth:.1f} GB/s",
+        f"|C| {NUM_CONTEXT}, {TEXT_TOKENS} text tokens; read bandwidth {bandwidth:.1f} GB/s",
         flush=True,
     )
     records = []
@@ -519,7 +613,8 @@ def run_model(args, bandwidth, records: list[dict], save) -> None:
     print(
         f"\n{args.model}: Qwen3 {args.layers} layers, hidden {args.hidden}, heads {args.heads}/"
         f"{args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab {args.vocab} (tied), "
-        f"{n_params / 1e6:.0f}M params",
+        f"{n_params / 1e6:.0f}M params; {args.new_tokens} new tokens; contexts above "
+        f"{args.prefill_up_to} visual tokens get a random cache",
         flush=True,
     )
     header = (
@@ -540,9 +635,13 @@ def run_model(args, bandwidth, records: list[dict], save) -> None:
                 fl = r["floor"][name]
                 vs_dense = f"{r['gaze_vs_dense']:>8.2f}" if name == "gaze" else f"{'':>8}"
                 prefill = r["prefill_s"][name]
+                prefill = (
+                    f"{prefill:>9.2f} {r['prefill_s']['hf'] / prefill:>6.2f}"
+                    if prefill
+                    else f"{'random':>9} {'':>6}"
+                )
                 print(
-                    f"{n_visual:>6} {r['top_k']:>3} {name:6} {prefill:>9.2f} "
-                    f"{r['prefill_s']['hf'] / prefill:>6.2f} "
+                    f"{n_visual:>6} {r['top_k']:>3} {name:6} {prefill} "
                     f"{r['median_step_ms'][name]:>8.1f} {r['tokens_per_s'][name]:>7.1f} "
                     f"{r['tokens_per_s'][name] / r['tokens_per_s']['hf']:>6.2f} {vs_dense} "
                     f"{fl['floor_ms']:>8.1f} {1e3 / fl['floor_ms']:>11.1f} "
@@ -550,7 +649,9 @@ def run_model(args, bandwidth, records: list[dict], save) -> None:
                 )
             print(
                 f"dense tokens == transformers tokens: {r['dense_equals_hf']}; gaze agreement "
-                f"with dense: {r['gaze_agreement']:.2f}",
+                f"with dense: {r['gaze_agreement']:.2f}; gaze / dense {r['gaze_vs_dense']:.2f}, "
+                f"by the bytes floor {r['floor_gaze_vs_dense']:.2f} "
+                f"({r['gaze_vs_dense'] / r['floor_gaze_vs_dense']:.2f} of it)",
                 flush=True,
             )
             save()  # after every context
