@@ -388,6 +388,34 @@ def test_decode_reads_a_head_major_cache():
             np.testing.assert_allclose(step[:, 0], expected[:, text], atol=1e-5)
 
 
+def test_decode_of_a_region_at_the_cache_end():
+    """A region whose ``m``-row block would pass the cache's end (the xla decode moves the block
+    back and masks the rows before the region) equals the reference, in both cache layouts."""
+    case = Case([[TextSegment(2), VisualSegment(3, 3), TextSegment(2)]], (2, 2), seed=7)
+    text = case.slots(TokenKind.TEXT)[-1]
+    end = case.slots(TokenKind.VISUAL)[-1] + 1  # the cache cut after the last region
+    assert int(np.max(np.asarray(case.table.start) + case.table.capacity)) > end
+    meta = jax.tree.map(lambda x: x[:, :end], case.meta)
+    query_meta = jax.tree.map(lambda x: x[:, text : text + 1], case.meta)
+    query, k, v = case.q[:, text : text + 1], case.k[:, :end], case.v[:, :end]
+    for route in ("per_head", "shared"):
+        options = dict(top_k=case.num_regions, routing=route)
+        expected = op(query, k, v, query_meta, meta, case.table, **options)
+        for heads_first in (False, True):
+            cache = (jnp.swapaxes(x, 1, 2) if heads_first else x for x in (k, v))
+            step = op(
+                query,
+                *cache,
+                query_meta,
+                meta,
+                case.table,
+                implementation="xla",
+                heads_first=heads_first,
+                **options,
+            )
+            np.testing.assert_allclose(step, expected, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients, isolation, padding.
 

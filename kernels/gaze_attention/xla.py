@@ -126,40 +126,56 @@ def unrouted_state(
     batch, _, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     q = query[:, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,bkld->bkgl", q, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkld,bkgd->bklg", key, q, preferred_element_type=jnp.float32) * scale
     state = _empty_state(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    return _update(state, logits, mask.reshape(logits.shape), value)
+    mask = jnp.swapaxes(mask.reshape(batch, num_kv_heads, -1, mask.shape[-1]), -1, -2)
+    return _update(state, logits, mask, value)
 
 
 def _routed(query, key, value, table, selection, routing, scale, state, heads_first):
     """Adds the selected regions to ``state`` (per KV head, ``[b, kv_heads, group, ...]``).
 
     Each KV head reads the union of its query heads' regions once (:func:`_kv_head_regions`),
-    every region's ``m`` rows gathered in one go from the cache as laid out (``heads_first`` or
-    not: only the row numbers differ), each query head masked to its own regions. Rows are
-    gathered as ``uint32`` words for 2-byte caches (see :func:`_as_rows`).
+    every region's ``m`` rows gathered from the cache as laid out (``heads_first`` or not: only
+    the row numbers differ), each query head masked to its own regions. Each region is one
+    ``[m, d]`` block of the cache (a slice gather: no row index per token), its start moved
+    back where the block would pass the cache's end, the tokens outside the region masked.
+
+    All at once: XLA:CPU writes the gathered blocks out before the products read them, and
+    glibc maps (and faults in) a buffer above 32 MiB afresh on each call, which is most of a
+    per-head float32 step's time at 16384 visual tokens; a loop over chunks that stay in cache
+    is twice as fast there but copies the decoder's just-written cache into the loop.
     """
     batch, _, _, head_dim = key.shape
     num_kv_heads, kv_len = key.shape[1:3] if heads_first else key.shape[2:0:-1]
     group = query.shape[2] // num_kv_heads
+    capacity = table.capacity
     region, sees = _kv_head_regions(selection, routing, group)  # [b, kv, n], [b, kv, g, n]
     start = jnp.take_along_axis(table.start[:, None], region, axis=-1)  # [b, kv, n]
-    length = jnp.take_along_axis(table.length[:, None], region, axis=-1)
-    slot = jnp.arange(table.capacity, dtype=jnp.int32)
-    token = jnp.minimum(start[..., None] + slot, kv_len - 1)  # [b, kv, n, m]
-    kv_head = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None, None]
-    sample = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
-    if heads_first:
-        row = (sample * num_kv_heads + kv_head) * kv_len + token
-    else:
-        row = (sample * kv_len + token) * num_kv_heads + kv_head
-    row = row.reshape(batch, num_kv_heads, -1)
-    mask = sees[..., None] & (slot < length[..., None])[:, :, None]  # [b, kv, g, n, m]
+    end = start + jnp.take_along_axis(table.length[:, None], region, axis=-1)
+    first = jnp.minimum(start, kv_len - capacity)  # each block's first row
+    token = first[..., None] + jnp.arange(capacity, dtype=jnp.int32)  # [b, kv, n, m]
+    inside = (token >= start[..., None]) & (token < end[..., None])
+    mask = jnp.moveaxis(sees, 2, 3)[..., None, :] & inside[..., None]  # [b, kv, n, m, g]
+
+    def block(x, sample, kv_head, row):
+        if heads_first:
+            return jax.lax.dynamic_slice(x, (sample, kv_head, row, 0), (1, 1, capacity, head_dim))
+        return jax.lax.dynamic_slice(x, (sample, row, kv_head, 0), (1, capacity, 1, head_dim))
+
+    per_region = jax.vmap(block, (None, None, None, 0))
+    per_head = jax.vmap(per_region, (None, None, 0, 0))
+    blocks = jax.vmap(per_head, (None, 0, None, 0))
+    samples = jnp.arange(batch, dtype=jnp.int32)
+    kv_heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
     keys, values = (
-        _unpack(_as_rows(x).at[row].get(mode="promise_in_bounds"), x.dtype) for x in (key, value)
+        _as_float(blocks(_as_bits(x), samples, kv_heads, first), x.dtype).reshape(
+            batch, num_kv_heads, -1, head_dim
+        )
+        for x in (key, value)
     )
     q = query[:, 0].reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
-    logits = jnp.einsum("bkgd,bknd->bkgn", q, keys) * scale
+    logits = jnp.einsum("bknd,bkgd->bkng", keys, q) * scale
     return _update(state, logits, mask.reshape(logits.shape), values)
 
 
@@ -184,19 +200,17 @@ def _kv_head_regions(selection: Selection, routing, group: int):
     return jnp.maximum(union, 0), picked & first[:, :, None]
 
 
-def _as_rows(x: jax.Array) -> jax.Array:
-    """[batch, a, b, d] → [batch·a·b, words]; 2-byte values packed in uint32 pairs."""
-    rows = x.reshape(-1, x.shape[-1])
-    if x.dtype.itemsize == 2:
-        rows = jax.lax.bitcast_convert_type(rows.reshape(rows.shape[0], -1, 2), jnp.uint32)
-    return rows
+def _as_bits(x: jax.Array) -> jax.Array:
+    """A 2-byte cache viewed as ``uint16``, which fuses into the gather: XLA:CPU gathers 2-byte
+    floats from a float32 conversion of the whole operand."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
 
 
-def _unpack(words: jax.Array, dtype) -> jax.Array:
-    """Gathered rows of :func:`_as_rows` as float32 [..., head_dim]."""
+def _as_float(bits: jax.Array, dtype) -> jax.Array:
+    """Gathered :func:`_as_bits` values as float32."""
     if jnp.dtype(dtype).itemsize == 2:
-        words = jax.lax.bitcast_convert_type(words, dtype).reshape(*words.shape[:-1], -1)
-    return words.astype(jnp.float32)
+        bits = jax.lax.bitcast_convert_type(bits, dtype)
+    return bits.astype(jnp.float32)
 
 
 def _empty_state(batch: int, groups: int, per_group: int, head_dim: int):
@@ -209,16 +223,18 @@ def _empty_state(batch: int, groups: int, per_group: int, head_dim: int):
 
 
 def _update(state, logits, mask, value):
-    """Adds keys ``logits [b, s, h, n]`` (under ``mask``) with ``value [b, s, n, d]``.
+    """Adds keys ``logits [b, s, n, h]`` (under ``mask``) with ``value [b, s, n, d]``.
 
-    ``s`` indexes key sets (KV heads or selections), ``h`` the query heads sharing one.
+    ``s`` indexes key sets (KV heads or selections), ``h`` the query heads sharing one. Keys
+    lead the products' operands (``n`` before ``h``): on XLA:CPU 1.2–1.6× faster than
+    query-first products over the same rows.
     """
     peak, total, acc = state
     logits = jnp.where(mask, logits, -jnp.inf)
-    new_peak = jnp.maximum(peak, logits.max(axis=-1))
+    new_peak = jnp.maximum(peak, logits.max(axis=-2))
     safe = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)
     rescale = jnp.exp(peak - safe)
-    weights = jnp.exp(logits - safe[..., None])
-    total = total * rescale + weights.sum(axis=-1)
-    contribution = jnp.einsum("bshn,bsnd->bshd", weights, value.astype(jnp.float32))
+    weights = jnp.exp(logits - safe[..., None, :])
+    total = total * rescale + weights.sum(axis=-2)
+    contribution = jnp.einsum("bsnd,bsnh->bshd", value.astype(jnp.float32), weights)
     return new_peak, total, acc * rescale[..., None] + contribution
