@@ -455,7 +455,8 @@ def _flush_metrics(pending, writer, schedule, top_k, since: float, skipped: int 
 
 
 def evaluate(eval_step, params, batches: Batches, config, mesh, rules, top_k) -> dict[str, float]:
-    """Loss, token accuracy and answer exact match (overall and per task) on the eval split.
+    """Loss, token accuracy and answer exact match (overall, per task and, for the synthetic
+    set, per family with its number of answers) on the eval split.
 
     Each answer of a synthetic conversation counts for its own task (``info["turns"]``).
     Each host scores its own examples; per-task counts are summed over hosts.
@@ -487,6 +488,13 @@ def evaluate(eval_step, params, batches: Batches, config, mesh, rules, top_k) ->
             if s
         }
     )
+    families: dict[str, np.ndarray] = {}
+    for task, c, n in zip(tasks, counts[0], counts[1], strict=True):
+        if task in TASKS and n > 0:
+            families.setdefault(TASKS[task][0], np.zeros(2))[:] += (c, n)
+    for family, (c, n) in sorted(families.items()):
+        results[f"accuracy/family/{family}"] = float(c / n)
+        results[f"answers/family/{family}"] = float(n)
     return results
 
 

@@ -468,6 +468,27 @@ def test_parameter_groups_train_and_shard(tmp_path, stage, multipliers):
     assert np.isfinite(results["loss"])
 
 
+def test_evaluation_reports_each_task_family(tmp_path):
+    """The synthetic eval scores every answer of a conversation and reports each family's exact
+    match and answer count: they add up to the overall figure, each between its tasks'."""
+    from gazejax.data.synthetic import TASKS
+    from gazejax.train import train
+
+    config = get_config("runlocal,turns=2")
+    config.total_steps, config.eval_examples = 2, 16
+    results = train(config, str(tmp_path))
+    families = {k.rsplit("/", 1)[1] for k in results if k.startswith("accuracy/family/")}
+    tasks = {k.split("/")[1] for k in results if k.startswith("accuracy/")} - {"family"}
+    assert families == {TASKS[t][0] for t in tasks}
+    answers = {f: results[f"answers/family/{f}"] for f in families}
+    assert sum(answers.values()) == config.eval_examples * 2  # two turns an example
+    overall = sum(results[f"accuracy/family/{f}"] * n for f, n in answers.items())
+    assert overall / sum(answers.values()) == pytest.approx(results["accuracy"])
+    for family in families:
+        members = [results[f"accuracy/{t}"] for t in tasks if TASKS[t][0] == family]
+        assert min(members) <= results[f"accuracy/family/{family}"] <= max(members)
+
+
 # The README's target for the embedded default (section "The embedded default"): held-out
 # answer exact match of the dense model `make train` trains from scratch. Measured on the 2-core
 # dev machine: 0.527 overall, colour 0.78 and shape 0.80 (chance 1/6 and 1/4).
