@@ -136,10 +136,10 @@ def _routed(query, key, value, table, selection, routing, scale, state, heads_fi
     """Adds the selected regions to ``state`` (per KV head, ``[b, kv_heads, group, ...]``).
 
     Each KV head reads the union of its query heads' regions once (:func:`_kv_head_regions`),
-    every region's ``m`` rows gathered from the cache as laid out (``heads_first`` or not: only
-    the row numbers differ), each query head masked to its own regions. Each region is one
-    ``[m, d]`` block of the cache (a slice gather: no row index per token), its start moved
-    back where the block would pass the cache's end, the tokens outside the region masked.
+    each query head masked to its own regions. Each region is one ``[m, d]`` block of the
+    cache as laid out (``heads_first`` or not: only the slice's indices differ), gathered by a
+    slice gather (no row index per token), its start moved back where the block would pass the
+    cache's end, the tokens outside the region masked.
 
     All at once: XLA:CPU writes the gathered blocks out before the products read them, and
     glibc maps (and faults in) a buffer above 32 MiB afresh on each call, which is most of a
