@@ -144,7 +144,7 @@ def _routed(query, key, value, table, selection, routing, scale, state, heads_fi
     All at once: XLA:CPU writes the gathered blocks out before the products read them, and
     glibc maps (and faults in) a buffer above 32 MiB afresh on each call, which is most of a
     per-head float32 step's time at 16384 visual tokens; a loop over chunks that stay in cache
-    is twice as fast there but copies the decoder's just-written cache into the loop.
+    is 1.8× as fast there but copies the decoder's just-written cache into the loop.
     """
     batch, _, _, head_dim = key.shape
     num_kv_heads, kv_len = key.shape[1:3] if heads_first else key.shape[2:0:-1]
@@ -202,7 +202,7 @@ def _kv_head_regions(selection: Selection, routing, group: int):
 
 def _as_bits(x: jax.Array) -> jax.Array:
     """A 2-byte cache viewed as ``uint16``, which fuses into the gather: XLA:CPU gathers 2-byte
-    floats from a float32 conversion of the whole operand."""
+    floats from a float32 conversion of the whole operand (seen in its compiled HLO)."""
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
 
 
@@ -225,9 +225,8 @@ def _empty_state(batch: int, groups: int, per_group: int, head_dim: int):
 def _update(state, logits, mask, value):
     """Adds keys ``logits [b, s, n, h]`` (under ``mask``) with ``value [b, s, n, d]``.
 
-    ``s`` indexes key sets (KV heads or selections), ``h`` the query heads sharing one. Keys
-    lead the products' operands (``n`` before ``h``): on XLA:CPU 1.2–1.6× faster than
-    query-first products over the same rows.
+    ``s`` indexes key sets (KV heads or selections), ``h`` the query heads sharing one; keys
+    lead the products' operands (``n`` before ``h``), as they lie in the cache.
     """
     peak, total, acc = state
     logits = jnp.where(mask, logits, -jnp.inf)
