@@ -5,10 +5,12 @@ synthetic visual-QA set, on a CPU.
     python -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze
     python -m gazejax.train --config configs/synthetic.py:runlocal --workdir /tmp/smoke
     python -m gazejax.train --config configs/synthetic.py:turns=3 --workdir runs/multiturn
+    python -m gazejax.train --config configs/synthetic.py:turns=3,objects=4 --workdir runs/mt4
 
 Variants (comma-separated after the colon): ``attention=dense|gaze``, ``stage=1|2``,
 ``turns=N`` (N questions per scene, 1 to 4: a conversation, every answer supervised; the
-buckets grow to fit), ``runlocal`` (a few steps, a smoke test).
+buckets grow to fit), ``objects=N`` (at most N objects per scene, 2 to 6; default 2),
+``runlocal`` (a few steps, a smoke test).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from gazejax.data.synthetic import TASKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = parse_variant(arg, {**VARIANTS, "turns": ("1", "2", "3", "4")})
+    variant = parse_variant(
+        arg, {**VARIANTS, "turns": ("1", "2", "3", "4"), "objects": ("2", "3", "4", "5", "6")}
+    )
     turns = int(variant.get("turns", 1))
     config = base_config(int(variant.get("stage", 2)), variant.get("attention", "dense"))
     config.total_steps = 2400
@@ -49,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         image_size=96,
         grid=6,
         min_objects=1,
-        max_objects=2,
+        max_objects=int(variant.get("objects", 2)),
         object_sizes=(0.6, 0.85),  # of a 16-pixel cell: 10 and 14 px
         jitter=False,
         video_frames=4,

@@ -1,7 +1,7 @@
 r"""Evaluate a trained workdir: a jitted sweep over methods × KV budgets × benchmarks.
 
     python -m gazejax.evaluate --workdir runs/gaze \
-        [--methods dense,gaze,dense_reduced,evict_question] [--budgets 0.11,0.22,0.44] \
+        [--methods dense,gaze,dense_reduced,evict_question,blind] [--budgets 0.11,0.22,0.44] \
         [--examples 288] [--benchmarks synthetic,jsonl:PATH[:NAME]] [--turns 3] \
         [--batch-size 16] [--image-root DIR] [--video-root DIR] [--max-frames 8] [--fps 1] \
         [--jsonl-limit N] [--mesh sequence=8] [--out runs/gaze/eval]
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     parser.add_argument(
         "--methods",
-        default="dense,gaze,dense_reduced,evict_question",
+        default="dense,gaze,dense_reduced,evict_question,blind",
         help=f"comma-separated, of {', '.join(METHODS)}",
     )
     parser.add_argument(

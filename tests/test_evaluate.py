@@ -3,6 +3,7 @@ dense, eviction."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -21,6 +22,7 @@ from gazejax.eval.benchmarks import jsonl
 from gazejax.eval.benchmarks.synthetic import synthetic_benchmark
 from gazejax.eval.examples import Example, batch_shape
 from gazejax.eval.methods import make_method, parse_methods
+from gazejax.eval.methods.blind import blind_mask
 from gazejax.eval.methods.dense_reduced import pool_tokens, pool_window
 from gazejax.eval.methods.evict_question import evict_masks
 from gazejax.eval.methods.gaze import gaze_top_k
@@ -96,7 +98,8 @@ def test_each_answer_of_a_conversation_is_scored_on_its_own():
 def test_cli_writes_results(workdir, tmp_path):
     """Conversations of 2 turns (9, one per first task): every answer scored, per turn."""
     out = tmp_path / "eval"
-    argv = ["--workdir", str(workdir), "--methods", "dense,gaze,evict_question", "--turns", "2"]
+    methods = "dense,gaze,evict_question,blind"
+    argv = ["--workdir", str(workdir), "--methods", methods, "--turns", "2"]
     argv += ["--budgets", "0.25,1", "--examples", "9", "--out", str(out), "--no-progress"]
     assert evaluate_cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
@@ -115,6 +118,7 @@ def test_cli_writes_results(workdir, tmp_path):
         "gaze@1",
         "evict_question@0.25",
         "evict_question@1",
+        "blind",
     ]
     for r in records.values():
         assert all(key in r for key in SCHEMA), r
@@ -127,6 +131,11 @@ def test_cli_writes_results(workdir, tmp_path):
         assert r["stderr"] == pytest.approx(np.sqrt(p * (1 - p) / 18))
     dense = records["dense"]
     assert dense["visual_kv_fraction"] == 1.0 and dense["context_kv"] > 0
+    assert records["blind"]["kv_size"] == 0 and records["blind"]["top_k"] is None
+    prior = results["benchmarks"]["synthetic"]["majority_answer"]  # no model: one row each
+    assert table.count("| majority answer | 0.0 | 0.0 |") == 3
+    assert prior["num_examples"] == 18 and set(prior["by_turn"]) == {"1", "2"}
+    assert set(prior["answers"]) == set(dense["by_task"])
     # Image: 4 regions of 4 tokens; video: 2 frames, 8 regions.
     assert records["gaze@0.25"]["top_k"] == {"image": 1, "video": 2}
     assert records["gaze@1"]["top_k"] == {"image": 4, "video": 8}
@@ -213,6 +222,34 @@ def test_full_budget_methods_equal_dense_and_eviction_changes_answers(workdir):
         np.testing.assert_array_equal(
             seen, np.broadcast_to(kept[:, b, None][..., visual[b]], seen.shape)
         )
+
+
+def test_blind_answers_without_the_picture(workdir):
+    """blind: no text query reads a visual or context entry, so other pixels leave every text
+    slot's logits as they were (dense's change); visual and context slots are dense's."""
+    checkpoint = load_checkpoint(workdir)
+    raw = json.loads((workdir / "config.json").read_text())
+    examples, _ = synthetic_benchmark(raw, checkpoint.tokenizer, 9, turns=2)
+    image = [e for e in examples if e.bucket == "image"]
+    blind, dense = (make_method(name).runner(checkpoint.config) for name in ("blind", "dense"))
+    shape = batch_shape(dense.config, image)
+    inputs, targets = pack_batch([e.items for e in image], dense.config.geometry, *shape)
+    assert checkpoint.config.num_context_tokens > 0
+    noise = jax.random.uniform(jax.random.key(3), inputs.units.shape, minval=-1.0, maxval=1.0)
+    other = dataclasses.replace(inputs, units=noise.astype(inputs.units.dtype))
+
+    def logits(r, x):
+        return np.asarray(jax.jit(r.logits, static_argnums=3)(checkpoint.params, x, targets, None))
+
+    kind = np.asarray(inputs.meta.kind)
+    text = kind == TokenKind.TEXT
+    pictured = (kind == TokenKind.VISUAL) | (kind == TokenKind.CONTEXT)
+    seen = np.asarray(blind_mask(inputs))
+    assert not (seen & text[:, :, None] & pictured[:, None, :]).any()
+    np.testing.assert_array_equal(logits(blind, other)[text], logits(blind, inputs)[text])
+    dense_logits = logits(dense, inputs)
+    assert np.abs(logits(dense, other)[text] - dense_logits[text]).max() > 1e-3
+    assert_close_accumulated(logits(blind, inputs)[pictured], dense_logits[pictured])
 
 
 def _first_turn_only(items: list) -> list:

@@ -28,6 +28,7 @@ from gazejax.data.synthetic import (
     TASKS,
     SyntheticConfig,
     SyntheticVQA,
+    majority_answers,
     to_conversation,
 )
 from gazejax.gaze.geometry import PackingGeometry
@@ -304,12 +305,44 @@ def test_conversations_ask_later_turns_about_objects_not_yet_mentioned():
         for turn in example["turns"]:
             _, about = derive(turn["question"], objects)
             fresh = [o for o in objects if o not in mentioned]
-            # An image's count question, a clip's "appears in frame n" can always ask about one.
-            if mentioned and [o for o in fresh if example["kind"] == "image" or o["frame"]]:
+            # An image's count question, a clip's "appears in frame n" can always ask about one;
+            # a count of zero is about none.
+            zero = turn["answer"] == "zero"
+            if (
+                mentioned
+                and not zero
+                and [o for o in fresh if example["kind"] == "image" or o["frame"]]
+            ):
                 assert any(o in fresh for o in about), (turn, mentioned)
             mentioned += about
             multi_region += turn["task"] in ("relation", "compare_size", "count", "order")
     assert multi_region > 100  # turns that need two or more regions
+
+
+def test_conversation_counts_are_not_mostly_one():
+    """A later turn's count is drawn over the counts the scene offers: "one" stays a minority
+    with up to 4 objects (picking a subject first made it ~2/3 of the answers)."""
+    config = dataclasses.replace(MULTI_TURN, tasks={"count": 1.0, "color": 1.0})
+    source = SyntheticVQA(config, "train", size=400)
+    counts = collections.Counter(
+        t["answer"] for i in range(len(source)) for t in source[i]["turns"] if t["task"] == "count"
+    )
+    assert sum(counts.values()) > 300 and counts["one"] < 0.55 * sum(counts.values()), counts
+
+
+def test_majority_answers_are_each_tasks_most_common_answer():
+    """Drawn without pixels, the turns are the examples' own: the same majority per task."""
+    source = SyntheticVQA(MULTI_TURN, "train", size=300)
+
+    def majority(examples: int) -> dict[str, str]:
+        answers = collections.defaultdict(collections.Counter)
+        for i in range(examples):
+            for turn in source[i]["turns"]:
+                answers[turn["task"]][turn["answer"]] += 1
+        return {task: counts.most_common(1)[0][0] for task, counts in answers.items()}
+
+    assert majority_answers(source, 10**6) == majority(300) and len(majority(300)) == len(TASKS)
+    assert majority_answers(source, 5) == majority(5) != majority(300)
 
 
 def test_to_conversation_uses_one_image_placeholder(examples):
@@ -481,7 +514,9 @@ def test_every_turn_of_a_conversation_is_supervised(tokenizer):
     example = SyntheticVQA(MULTI_TURN, "train", size=10)[4]
     items, info = synthetic_examples(fields, "train", 0, tokenizer, "")(4)
     turns = tuple((t["task"], t["family"]) for t in example["turns"])
-    assert info == {"task": example["task"], "family": example["family"], "turns": turns}
+    answers = tuple(t["answer"] for t in example["turns"])
+    want = {"task": example["task"], "family": example["family"], "turns": turns}
+    assert info == {**want, "answers": answers}
     expected = []
     for turn in example["turns"]:
         expected += [*tokenizer.encode(turn["answer"]).tokens, "<|im_end|>"]

@@ -474,7 +474,8 @@ def test_evaluation_reports_each_task_family(tmp_path):
     from gazejax.data.synthetic import TASKS
     from gazejax.train import train
 
-    config = get_config("runlocal,turns=2")
+    config = get_config("runlocal,turns=2,objects=3")
+    assert config.data.synthetic.max_objects == 3
     config.total_steps, config.eval_examples = 2, 16
     results = train(config, str(tmp_path))
     families = {k.rsplit("/", 1)[1] for k in results if k.startswith("accuracy/family/")}

@@ -139,8 +139,8 @@ def synthetic_examples(
     size: int = 2**31 - 1,
 ) -> Callable[[int], Example]:
     """Example ``i`` of the synthetic set's ``split`` as packed-ready items (every turn's answer
-    supervised), and its info: the first turn's ``task`` and ``family``, and ``turns``, each
-    turn's ``(task, family)``."""
+    supervised), and its info: the first turn's ``task`` and ``family``, ``turns``, each
+    turn's ``(task, family)``, and ``answers``, each turn's reference answer."""
     dataset = SyntheticVQA(SyntheticConfig(**dict(config), seed=seed), split=split, size=size)
 
     def example(index: int) -> Example:
@@ -148,7 +148,9 @@ def synthetic_examples(
         conversation = to_conversation(record)["conversations"]
         items = example_items(conversation, [record["units"]], tokenizer, "<image>", system_prompt)
         turns = tuple((turn["task"], turn["family"]) for turn in record["turns"])
-        return items, {"task": record["task"], "family": record["family"], "turns": turns}
+        answers = tuple(turn["answer"] for turn in record["turns"])
+        info = {"task": record["task"], "family": record["family"], "turns": turns}
+        return items, {**info, "answers": answers}
 
     return example
 

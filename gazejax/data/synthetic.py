@@ -59,6 +59,7 @@ SPLITS = {"train": 0, "eval": 1}
 
 _MAX_DRAWS = 64  # scenes drawn per example before giving up on landing in the split
 _MAX_TURNS = 4  # a 2-frame clip has few distinct questions
+_DRAWS_PER_TASK = 4  # a conversation's later turn redraws a task's question that repeats
 
 
 class _Object(NamedTuple):
@@ -433,10 +434,12 @@ class _Turn(NamedTuple):
     mentioned: tuple[_Object, ...]  # the objects the question is about
 
 
-_About = Callable[[np.random.Generator, Sequence[_Object], Sequence[_Object]], _Turn | None]
-"""``ask(rng, objects, subjects)``: a question about ``objects`` (a drawn scene) whose subject is
-one of ``subjects`` (or, for two-object questions, at least one of the pair is), or None when the
-scene offers none."""
+_About = Callable[
+    [np.random.Generator, "SyntheticConfig", Sequence[_Object], Sequence[_Object]], _Turn | None
+]
+"""``ask(rng, config, objects, subjects)``: a question about ``objects`` (a drawn scene of
+``config``) whose subject is one of ``subjects`` (or, for two-object questions, at least one of
+the pair is; a count of zero is about no object), or None when the scene offers none."""
 
 _REFS = ("shape", "color")
 
@@ -465,7 +468,7 @@ def _pairs(
 
 
 def _about_attribute(attribute: str, ref: str) -> _About:
-    def ask(rng, objects, subjects):
+    def ask(rng, config, objects, subjects):
         options = [o for o in _unique(objects, ref) if o in subjects]
         if not options:
             return None
@@ -475,13 +478,13 @@ def _about_attribute(attribute: str, ref: str) -> _About:
     return ask
 
 
-def _about_order(rng, objects, subjects):
+def _about_order(rng, config, objects, subjects):
     if len(objects) < 2 or len({o.cell[1] for o in objects}) < len(objects):
         return None
     return _Turn(*_order_turn(objects, _pick(rng, _REFS)), tuple(objects))
 
 
-def _about_relation(rng, objects, subjects):
+def _about_relation(rng, config, objects, subjects):
     named = _named(objects)
     refs = {o: [r for r in _REFS if o in named[r]] for o in objects}
     pairs = _pairs(objects, subjects, lambda a, b: bool(refs[a] and refs[b]))
@@ -504,7 +507,7 @@ def _about_named_pair(
     """Questions ``ask(rng, a, b, ref)`` about two objects that ``differ``, both named by one
     kind of phrase ``ref``."""
 
-    def about(rng, objects, subjects):
+    def about(rng, config, objects, subjects):
         named = _named(objects)
         pairs = _pairs(objects, subjects, lambda a, b: differ(a, b) and _shared_refs(named, a, b))
         if not pairs:
@@ -515,14 +518,25 @@ def _about_named_pair(
     return about
 
 
-def _about_count(rng, objects, subjects):
-    ref = _pick(rng, _REFS)
-    value = _word(_pick(rng, subjects), ref)
+def _about_count(rng, config, objects, subjects):
+    """How many objects have a shape or colour: a subject's, or one the scene lacks ("zero";
+    about no object). The count is drawn uniformly from those on offer, then the question
+    from those with that count, so scenes of mostly distinct objects do not make "one" nearly
+    every answer."""
+    offered: dict[int, set[tuple[str, str]]] = collections.defaultdict(set)
+    for ref, values in (("shape", config.shapes), ("color", config.colors)):
+        present = {_word(o, ref) for o in objects}
+        offered[0].update((ref, value) for value in values if value not in present)
+        for subject in subjects:
+            value = _word(subject, ref)
+            offered[sum(_word(o, ref) == value for o in objects)].add((ref, value))
+    counts = sorted(n for n, questions in offered.items() if questions)
+    ref, value = _pick(rng, sorted(offered[_pick(rng, counts)]))
     counted = tuple(o for o in objects if _word(o, ref) == value)
     return _Turn(*_count_turn(objects, ref, value), counted)
 
 
-def _about_video_appear(rng, objects, subjects):
+def _about_video_appear(rng, config, objects, subjects):
     options = [o for o in subjects if o.frame > 0]
     if not options:
         return None
@@ -572,7 +586,7 @@ def _conversation(
         objects = _objects(rng, config, _cells(rng, config.grid, n, axis=1, apart=n))
     else:
         objects = _objects(rng, config, _cells(rng, config.grid, _num_objects(rng, config, low=2)))
-    turn = _ABOUT[first](rng, objects, objects)
+    turn = _ABOUT[first](rng, config, objects, objects)
     if turn is None:
         return None
     turns = [(first, turn)]
@@ -581,8 +595,8 @@ def _conversation(
         order = [later[i] for i in rng.choice(len(later), len(later), replace=False, p=later_probs)]
         asked = {t.question for _, t in turns}
         fresh = [o for o in objects if o not in mentioned]
-        found = (fresh and _later_turn(rng, objects, fresh, order, asked)) or _later_turn(
-            rng, objects, objects, order, asked
+        found = (fresh and _later_turn(rng, config, objects, fresh, order, asked)) or _later_turn(
+            rng, config, objects, objects, order, asked
         )
         if found is None:
             return None
@@ -593,16 +607,21 @@ def _conversation(
 
 def _later_turn(
     rng: np.random.Generator,
+    config: SyntheticConfig,
     objects: Sequence[_Object],
     subjects: Sequence[_Object],
     tasks: Sequence[str],
     asked: set[str],
 ) -> tuple[str, _Turn] | None:
-    """The first of ``tasks`` that asks a new question about one of ``subjects``."""
+    """The first of ``tasks`` that asks a new question about one of ``subjects`` (each task
+    drawn up to ``_DRAWS_PER_TASK`` times while it repeats a question)."""
     for task in tasks:
-        turn = _ABOUT[task](rng, objects, subjects)
-        if turn is not None and turn.question not in asked:
-            return task, turn
+        for _ in range(_DRAWS_PER_TASK):
+            turn = _ABOUT[task](rng, config, objects, subjects)
+            if turn is None:
+                break
+            if turn.question not in asked:
+                return task, turn
     return None
 
 
@@ -723,7 +742,9 @@ class SyntheticVQA:
         objects, turns = drawn
         return objects, [(name, turn.question, turn.answer) for name, turn in turns]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _drawn(self, index: int) -> tuple[np.random.Generator, str, list, list]:
+        """Example ``index``'s generator (where its pixels are drawn from next), first task,
+        objects and ``(task, question, answer)`` turns."""
         index = operator.index(index)
         if not 0 <= index < self._size:
             raise IndexError(f"index {index} out of range for size {self._size}")
@@ -733,17 +754,20 @@ class SyntheticVQA:
         for _ in range(_MAX_DRAWS):
             drawn = self._draw(rng, task)
             if drawn is not None and _split_of(drawn[0]) == split:
-                break
-        else:
-            raise RuntimeError(
-                f"no {self.split} scene for task {task!r} in {_MAX_DRAWS} draws: "
-                "the config allows too few distinct scenes"
-            )
-        objects = sorted(drawn[0], key=lambda o: o.cell)
+                return rng, task, *drawn
+        raise RuntimeError(
+            f"no {self.split} scene for task {task!r} in {_MAX_DRAWS} draws: "
+            "the config allows too few distinct scenes"
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng, task, objects, drawn_turns = self._drawn(index)
+        objects = sorted(objects, key=lambda o: o.cell)
         video = TASKS[task][0] == "video"
         units, boxes = _render(rng, self.config, objects, self.config.video_frames if video else 1)
         turns = tuple(
-            {"question": q, "answer": a, "task": t, "family": TASKS[t][0]} for t, q, a in drawn[1]
+            {"question": q, "answer": a, "task": t, "family": TASKS[t][0]}
+            for t, q, a in drawn_turns
         )
         return {
             "units": units,
@@ -755,6 +779,17 @@ class SyntheticVQA:
                 for o, box in zip(objects, boxes, strict=True)
             ),
         }
+
+
+def majority_answers(dataset: SyntheticVQA, examples: int) -> dict[str, str]:
+    """Each task's most common answer over every turn of ``dataset``'s first ``examples``
+    examples (their scenes and questions only, no pixels drawn; ties to the answer first seen):
+    the answer prior, what a guess from the question's task alone gets."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for index in range(min(examples, len(dataset))):
+        for task, _, answer in dataset._drawn(index)[3]:
+            counts[task][answer] += 1
+    return {task: counter.most_common(1)[0][0] for task, counter in counts.items()}
 
 
 def _weighted(weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:

@@ -35,11 +35,13 @@ def markdown_table(results: dict) -> str:
     """One section per benchmark and metric: rows method@budget; columns KV %, the score and
     the families (synthetic: its four task families; others: the visual kinds present), each
     score ± one standard error. Synthetic conversations add a section by turn, and one of the
-    later turns (all but the first) by family."""
+    later turns (all but the first) by family; the synthetic tables end with the answer prior
+    (its benchmark info's ``majority_answer``), where the results have one."""
     lines = []
-    for benchmark in results["benchmarks"]:
+    for benchmark, info in results["benchmarks"].items():
         records = [r for r in results["records"] if r["benchmark"] == benchmark]
         if benchmark == "synthetic":
+            records += [info["majority_answer"]] if "majority_answer" in info else []
             lines += _section(f"{benchmark} (exact match, %)", records, "overall", _families())
             turns = sorted({t for r in records for t in r["by_turn"]}, key=int)
             if len(turns) > 1:
@@ -116,8 +118,10 @@ def _section(
 def draw_plot(results: dict, path: str | os.PathLike, benchmark: str = "synthetic") -> None:
     """Score (%) against visual KV read (% of dense) per method, error bars ± one standard
     error: overall and one panel per family, and in conversations a second row, one panel per
-    turn (a JSONL benchmark: its first metric). Matplotlib, Agg backend."""
+    turn (a JSONL benchmark: its first metric), and the majority answer's score, where the
+    benchmark has one, as a dashed line. Matplotlib, Agg backend."""
     records = [r for r in results["records"] if r["benchmark"] == benchmark]
+    prior = results["benchmarks"].get(benchmark, {}).get("majority_answer")
     records = [r for r in records if r["metric"] == records[0]["metric"]] if records else []
     families = [*FAMILIES, *dict.fromkeys(f for r in records for f in r["by_family"])]
     families = [f for f in dict.fromkeys(families) if any(f in r["by_family"] for r in records)]
@@ -151,8 +155,13 @@ def draw_plot(results: dict, path: str | os.PathLike, benchmark: str = "syntheti
                 ax.errorbar(x, y, yerr=err, color=color, marker="o", capsize=3, label=name)
                 if name == "dense":
                     ax.axhline(y[0], color=color, linestyle=":", linewidth=1)
+            floor = prior if breakdown is None or prior is None else prior[breakdown].get(key)
+            if floor is not None:
+                ax.axhline(
+                    100 * floor["score"], color="grey", linestyle="--", label="majority answer"
+                )
             ax.set_title(title)
-            ax.set_xlim(0, 105)
+            ax.set_xlim(-4, 105)  # blind reads 0 %
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             ax.set_xlabel("visual KV read (% of dense)")

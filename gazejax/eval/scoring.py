@@ -75,6 +75,33 @@ def _by_family(arrays: list[np.ndarray], family: np.ndarray, chosen: np.ndarray)
     }
 
 
+def breakdowns(arrays: list[np.ndarray], family: np.ndarray, turn: np.ndarray) -> dict:
+    """:func:`summarize` of per-answer ``arrays`` (exact, visual, context, dense KV; ``[n]``
+    each), and of them ``by_family``, ``by_turn`` (``"1"``, ``"2"``, ...: each with its
+    families) and, in conversations, ``later_turns`` (every turn after the first)."""
+    return {
+        **summarize(*arrays),
+        "by_family": _by_family(arrays, family, np.ones(len(family), bool)),
+        "by_turn": {
+            str(t): {
+                **summarize(*(a[turn == t] for a in arrays)),
+                "by_family": _by_family(arrays, family, turn == t),
+            }
+            for t in sorted(set(turn.tolist()))
+        },
+        **(
+            {
+                "later_turns": {
+                    **summarize(*(a[turn > 1] for a in arrays)),
+                    "by_family": _by_family(arrays, family, turn > 1),
+                }
+            }
+            if (turn > 1).any()
+            else {}
+        ),
+    }
+
+
 def record(runner: Runner, results: dict, benchmark: str) -> dict:
     """One results.json record (DESIGN.md §6 keys, then the breakdowns: ``by_family``,
     ``by_turn`` (``"1"``, ``"2"``, ...) and, in conversations, ``later_turns`` (every turn
@@ -82,10 +109,9 @@ def record(runner: Runner, results: dict, benchmark: str) -> dict:
     ``results`` of :func:`gazejax.eval.sweep.run_method`."""
     method = runner.method
     arrays = [np.asarray(results[k]) for k in ("exact", "visual_kv", "context_kv", "dense_kv")]
-    overall = summarize(*arrays)
-    family = np.asarray(results["family"])
     task = np.asarray(results["task"])
-    turn = np.asarray(results["turn"])
+    stats = breakdowns(arrays, np.asarray(results["family"]), np.asarray(results["turn"]))
+    overall = {k: v for k, v in stats.items() if not isinstance(v, dict)}
     top_k = results["top_k"]
     if len(set(top_k.values())) == 1:
         top_k = next(iter(top_k.values()))
@@ -106,24 +132,7 @@ def record(runner: Runner, results: dict, benchmark: str) -> dict:
         "visual_kv": overall["visual_kv"],
         "context_kv": overall["context_kv"],
         "seconds": round(results["seconds"], 3),
-        "by_family": _by_family(arrays, family, np.ones(len(family), bool)),
-        "by_turn": {
-            str(t): {
-                **summarize(*(a[turn == t] for a in arrays)),
-                "by_family": _by_family(arrays, family, turn == t),
-            }
-            for t in sorted(set(turn.tolist()))
-        },
-        **(
-            {
-                "later_turns": {
-                    **summarize(*(a[turn > 1] for a in arrays)),
-                    "by_family": _by_family(arrays, family, turn > 1),
-                }
-            }
-            if (turn > 1).any()
-            else {}
-        ),
+        **{k: v for k, v in stats.items() if isinstance(v, dict)},
         "by_task": {
             t: {"score": float(arrays[0][task == t].mean()), "num_examples": int((task == t).sum())}
             for t in dict.fromkeys(task)

@@ -91,7 +91,7 @@ def run_method(
             )
             kind = np.asarray(inputs.meta.kind)[: len(batch)]
             num_visual = (kind == TokenKind.VISUAL).sum(-1)
-            num_context = (kind == TokenKind.CONTEXT).sum(-1)
+            num_context = (kind == TokenKind.CONTEXT).sum(-1) * method.reads_context
             dense_kv = num_visual // (h * w) * dense_h * dense_w
             visual_kv = method.visual_kv(num_visual, top_k, region_size)
             for b, example in enumerate(batch):

@@ -9,21 +9,30 @@ conversation about one scene: its first question is of the example's task, the l
 by the workdir's ``later_tasks`` (default: its task weights) about objects the earlier turns did
 not mention (:class:`gazejax.data.synthetic.SyntheticVQA`). Each answer is scored teacher-forced
 with the earlier questions and their reference answers in context, and counts for its own task,
-family and turn."""
+family and turn.
+
+The benchmark's info carries ``majority_answer``: each task's most common answer over the
+training split's first 4096 conversations (:func:`gazejax.data.synthetic.majority_answers`)
+and what answering it to every question of its task scores here (the answer prior: no model,
+no picture), with the records' breakdowns; ``results.md`` shows it as a row."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import tokenizers
 
 from gazejax.data.batches import synthetic_examples
-from gazejax.data.synthetic import TASKS
+from gazejax.data.synthetic import TASKS, SyntheticConfig, SyntheticVQA, majority_answers
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
 from gazejax.eval.benchmarks.base import Benchmark, LoadOptions
 from gazejax.eval.examples import Example
+from gazejax.eval.scoring import breakdowns
 
 USAGE = "synthetic"
+PRIOR_EXAMPLES = 4096
+"""Training conversations whose answers give each task's majority answer."""
 
 
 def _tuples(config: dict) -> dict:
@@ -45,7 +54,11 @@ def synthetic_benchmark(
     per_task = math.ceil(examples / len(tasks))
     seed = int(raw_config.get("seed", 0))
     system_prompt = data.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
-    out = []
+    train = SyntheticVQA(
+        SyntheticConfig(**{**synthetic, "tasks": weights}, seed=seed), "train", size=PRIOR_EXAMPLES
+    )
+    majority = majority_answers(train, PRIOR_EXAMPLES)
+    out, hits = [], []  # hits: (answer is its task's majority answer, family, turn)
     for task in tasks:
         make = synthetic_examples(
             {**synthetic, "tasks": {task: 1.0}}, "eval", seed, tokenizer, system_prompt
@@ -55,6 +68,9 @@ def synthetic_benchmark(
             family = info["family"]
             bucket = "video" if family == "video" else "image"
             out.append(Example(items, task, family, bucket, later_turns=info["turns"][1:]))
+            turns_answers = zip(info["turns"], info["answers"], strict=True)
+            for turn, ((name, kind), answer) in enumerate(turns_answers, start=1):
+                hits.append((answer == majority.get(name), kind, turn))
     info = {
         "split": "eval",
         "seed": seed,
@@ -63,8 +79,18 @@ def synthetic_benchmark(
         "turns": synthetic.get("turns", 1),
         "system_prompt": system_prompt,
         "template": "ChatML (the training template); answers scored teacher-forced",
+        "majority_answer": _majority_row(majority, hits),
     }
     return out, info
+
+
+def _majority_row(majority: dict[str, str], hits: list[tuple[bool, str, int]]) -> dict:
+    """The answer prior as a row of the report: scores and breakdowns of ``hits`` (reads no
+    KV entry), and the ``answers`` (task -> majority answer)."""
+    exact, family, turn = (np.asarray(x) for x in zip(*hits, strict=True))
+    zeros, ones = np.zeros(len(exact)), np.ones(len(exact))
+    stats = breakdowns([exact, zeros, zeros, ones], family, turn)
+    return {"label": "majority answer", "seconds": 0.0, **stats, "answers": majority}
 
 
 def load(spec: str, options: LoadOptions) -> Benchmark:

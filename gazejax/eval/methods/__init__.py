@@ -5,7 +5,8 @@ once in :data:`METHODS`.
 may read (0.22: 22 % of the 36 visual tokens of an image, or of the 144 of a 4-frame video).
 Context tokens (``|C|`` per unit, gaze checkpoints only) are read by every method and reported
 separately (``context_kv``); ``kv_size`` = visual + context entries, as in the paper's sec. 3.5.
-A method that takes a budget runs once per budget; the others once.
+A method that takes a budget runs once per budget; the others once. ``blind`` reads no visual
+or context entry at all: the score of the question alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gazejax.eval.methods.base import Method, Runner
+from gazejax.eval.methods.blind import Blind
 from gazejax.eval.methods.dense import Dense
 from gazejax.eval.methods.dense_reduced import DenseReduced
 from gazejax.eval.methods.evict_question import EvictQuestion
@@ -20,7 +22,8 @@ from gazejax.eval.methods.gaze import Gaze
 from gazejax.eval.methods.token_compression import TokenCompression
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (Dense, Gaze, DenseReduced, EvictQuestion, TokenCompression)
+    method.name: method
+    for method in (Dense, Gaze, DenseReduced, EvictQuestion, TokenCompression, Blind)
 }
 """Name -> method class, in the order of the command line's help and the notes."""
 DEFAULT_BUDGETS = (0.11, 0.22, 0.44)

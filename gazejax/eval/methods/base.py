@@ -7,9 +7,12 @@ import dataclasses
 from collections.abc import Callable
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import numpy as np
 
+from gazejax.gaze.inputs import MultimodalInputs
+from gazejax.models.decoder import Attention, AttentionInputs
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
 
 LogitsFn = Callable[..., jax.Array]
@@ -47,6 +50,8 @@ class Method:
     """Whether the method runs once per budget (else once, ``budget`` None)."""
     color: ClassVar[tuple[int, int, int]] = (127, 127, 127)
     """Its colour in the plot."""
+    reads_context: ClassVar[bool] = True
+    """Whether answer queries read the context tokens in the sequence (``context_kv``)."""
 
     @property
     def label(self) -> str:
@@ -87,3 +92,27 @@ def plain_logits(model: MultimodalModel) -> LogitsFn:
         return model.apply({"params": params}, inputs, top_k=top_k)
 
     return logits
+
+
+def masked_logits(
+    model: MultimodalModel, params, inputs: MultimodalInputs, mask_of: Callable[[int], jax.Array]
+) -> jax.Array:
+    """Logits ``[batch, length, vocab]`` of a forward of the dense ``model`` whose attention
+    layer ``i`` reads the bool mask ``mask_of(i)`` ``[batch, length, length]`` (query, key) in
+    place of its own (in its :class:`~gazejax.models.decoder.AttentionInputs`, wherever the
+    call passes them)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, Attention):
+            return next_fun(*args, **kwargs)
+        path = context.module.scope.path
+        mask = mask_of(int(next(p for p in path if p.startswith("layers_")).split("_")[1]))
+
+        def masked(value):
+            return value.replace(mask=mask) if isinstance(value, AttentionInputs) else value
+
+        args = [masked(a) for a in args]
+        return next_fun(*args, **{k: masked(v) for k, v in kwargs.items()})
+
+    with nn.intercept_methods(interceptor):
+        return model.apply({"params": params}, inputs)

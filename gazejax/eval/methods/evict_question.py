@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gazejax.eval.methods.base import Method, Runner
+from gazejax.eval.methods.base import Method, Runner, masked_logits
 from gazejax.gaze.inputs import MultimodalInputs
 from gazejax.inference.checkpoints import with_attention
 from gazejax.inference.probes import attention_probabilities, rotated_queries_keys
-from gazejax.models.decoder import Attention, AttentionInputs, dense_visibility
+from gazejax.models.decoder import dense_visibility
 from gazejax.models.mllm import MultimodalConfig, MultimodalModel
 from kernels.gaze_attention import TokenKind
 
@@ -74,32 +73,13 @@ def evict_masks(
     return jnp.stack(masks), jnp.stack(kept)
 
 
-def _layer_index(module: nn.Module) -> int:
-    path = module.scope.path
-    return int(next(p for p in path if p.startswith("layers_")).split("_")[1])
-
-
 def evict_logits(
     model: MultimodalModel, params, inputs: MultimodalInputs, targets: jax.Array, budget: float
 ) -> jax.Array:
     """Teacher-forced logits ``[batch, length, vocab]`` of ``evict_question@budget``: a forward
-    of the dense ``model`` whose every :class:`Attention` layer gets its eviction mask (in its
-    :class:`AttentionInputs`, wherever the call passes them)."""
+    of the dense ``model`` whose every attention layer reads its eviction mask."""
     masks, _ = evict_masks(model, params, inputs, targets, budget)
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not isinstance(context.module, Attention):
-            return next_fun(*args, **kwargs)
-        mask = masks[_layer_index(context.module)]
-
-        def masked(value):
-            return value.replace(mask=mask) if isinstance(value, AttentionInputs) else value
-
-        args = [masked(a) for a in args]
-        return next_fun(*args, **{k: masked(v) for k, v in kwargs.items()})
-
-    with nn.intercept_methods(interceptor):
-        return model.apply({"params": params}, inputs)
+    return masked_logits(model, params, inputs, lambda layer: masks[layer])
 
 
 @dataclasses.dataclass(frozen=True)
