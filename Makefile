@@ -3,7 +3,7 @@
 #                CONFIG=... and WORKDIR=... override, e.g. CONFIG=configs/synthetic.py:runlocal
 #   make test    the test suite (what CI runs)
 #   make lint    ruff check and ruff format --check
-#   make reproduce  train the default dense and gaze models, then sweep methods x KV budgets
+#   make reproduce  train the three-question dense and gaze models, then sweep methods x budgets
 #   make compile-kernels  compile every Pallas kernel for an H100 (sm_90) and TPU v5e/v6e on
 #                this CPU, deviceless, each compiler from its own venv (tests/aot/), the
 #                decoder's decode step (no cache-sized copy) and a sharded Pallas training
@@ -39,12 +39,12 @@ $(FULL): $(RUNTIME) pyproject.toml requirements.txt requirements-lmms-eval.txt
 train: install
 	$(PY) -m gazejax.train --config $(CONFIG) --workdir $(WORKDIR)
 
-SWEEP := --methods dense,gaze,dense_reduced,evict_question --budgets 0.11,0.22,0.44
+SWEEP := --methods dense,gaze,dense_reduced,evict_question,blind --budgets 0.11,0.22,0.44
 reproduce: install
-	$(PY) -m gazejax.train --config configs/synthetic.py --workdir runs/dense_default
-	$(PY) -m gazejax.train --config configs/synthetic.py:attention=gaze --workdir runs/gaze_default
-	$(PY) -m gazejax.evaluate --workdir runs/gaze_default $(SWEEP)
-	$(PY) -m gazejax.evaluate --workdir runs/dense_default $(SWEEP)
+	$(PY) -m gazejax.train --config configs/synthetic.py:turns=3 --workdir runs/dense_mt
+	$(PY) -m gazejax.train --config configs/synthetic.py:turns=3,attention=gaze --workdir runs/gaze_mt
+	$(PY) -m gazejax.evaluate --workdir runs/gaze_mt $(SWEEP)
+	$(PY) -m gazejax.evaluate --workdir runs/dense_mt $(SWEEP)
 
 # The default suite on TEST_WORKERS pytest-xdist workers (2: CI's cores; each test compiles and
 # runs on one core most of the time). The slow tests run serially (.ci/run): their timings matter.
