@@ -76,11 +76,10 @@ def _by_family(arrays: list[np.ndarray], family: np.ndarray, chosen: np.ndarray)
 
 
 def breakdowns(arrays: list[np.ndarray], family: np.ndarray, turn: np.ndarray) -> dict:
-    """:func:`summarize` of per-answer ``arrays`` (exact, visual, context, dense KV; ``[n]``
-    each), and of them ``by_family``, ``by_turn`` (``"1"``, ``"2"``, ...: each with its
-    families) and, in conversations, ``later_turns`` (every turn after the first)."""
+    """The breakdowns of per-answer ``arrays`` (exact, visual, context, dense KV; ``[n]``
+    each): ``by_family``, ``by_turn`` (``"1"``, ``"2"``, ...: each with its families) and, in
+    conversations, ``later_turns`` (every turn after the first), each :func:`summarize`d."""
     return {
-        **summarize(*arrays),
         "by_family": _by_family(arrays, family, np.ones(len(family), bool)),
         "by_turn": {
             str(t): {
@@ -110,8 +109,7 @@ def record(runner: Runner, results: dict, benchmark: str) -> dict:
     method = runner.method
     arrays = [np.asarray(results[k]) for k in ("exact", "visual_kv", "context_kv", "dense_kv")]
     task = np.asarray(results["task"])
-    stats = breakdowns(arrays, np.asarray(results["family"]), np.asarray(results["turn"]))
-    overall = {k: v for k, v in stats.items() if not isinstance(v, dict)}
+    overall = summarize(*arrays)
     top_k = results["top_k"]
     if len(set(top_k.values())) == 1:
         top_k = next(iter(top_k.values()))
@@ -132,7 +130,7 @@ def record(runner: Runner, results: dict, benchmark: str) -> dict:
         "visual_kv": overall["visual_kv"],
         "context_kv": overall["context_kv"],
         "seconds": round(results["seconds"], 3),
-        **{k: v for k, v in stats.items() if isinstance(v, dict)},
+        **breakdowns(arrays, np.asarray(results["family"]), np.asarray(results["turn"])),
         "by_task": {
             t: {"score": float(arrays[0][task == t].mean()), "num_examples": int((task == t).sum())}
             for t in dict.fromkeys(task)

@@ -28,7 +28,7 @@ from gazejax.data.synthetic import TASKS, SyntheticConfig, SyntheticVQA, majorit
 from gazejax.data.template import DEFAULT_SYSTEM_PROMPT
 from gazejax.eval.benchmarks.base import Benchmark, LoadOptions
 from gazejax.eval.examples import Example
-from gazejax.eval.scoring import breakdowns
+from gazejax.eval.scoring import breakdowns, summarize
 
 USAGE = "synthetic"
 PRIOR_EXAMPLES = 4096
@@ -89,7 +89,8 @@ def _majority_row(majority: dict[str, str], hits: list[tuple[bool, str, int]]) -
     KV entry), and the ``answers`` (task -> majority answer)."""
     exact, family, turn = (np.asarray(x) for x in zip(*hits, strict=True))
     zeros, ones = np.zeros(len(exact)), np.ones(len(exact))
-    stats = breakdowns([exact, zeros, zeros, ones], family, turn)
+    arrays = [exact, zeros, zeros, ones]
+    stats = {**summarize(*arrays), **breakdowns(arrays, family, turn)}
     return {"label": "majority answer", "seconds": 0.0, **stats, "answers": majority}
 
 

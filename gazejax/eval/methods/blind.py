@@ -1,8 +1,9 @@
 """``blind``: the checkpoint answering without the picture. Every text query (the question, the
 template and the answer) reads only text entries: no visual and no context entries, so nothing
-of the pixels reaches an answer (visual KV 0). Its score is what the weights get from the
-question alone, the answer prior they learned; a method's score is a measure of looking only
-by how far it stands above this one."""
+of the pixels reaches an answer (visual KV 0). Its score is what the weights get from the text
+alone (the question and, in a conversation, the earlier turns); they were never trained to
+answer without looking, so it can fall below a plain guess (the synthetic benchmark's majority
+answer). A method's score measures looking only by how far it stands above both."""
 
 from __future__ import annotations
 
