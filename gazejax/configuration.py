@@ -101,12 +101,14 @@ def base_config(stage: int = 2, attention: str = "dense") -> ml_collections.Conf
     config.optim.b2 = 0.95
     config.optim.clip_norm = 1.0
     # Stage 1 trains the projector and the context tokens; stage 2 everything.
-    config.optim.trainable = [".*"] if stage == 2 else ["projector/.*", "context_tokens"]
-    config.optim.lr_multipliers = []  # [regex, multiplier] pairs; 0 freezes
+    # Tuples, so the command line can set them (ml_collections overrides no list), e.g.
+    # --config.optim.lr_multipliers='(("vision/.*", 0.1),)'.
+    config.optim.trainable = (".*",) if stage == 2 else ("projector/.*", "context_tokens")
+    config.optim.lr_multipliers = ()  # (regex, multiplier) pairs; 0 freezes
 
     # A tuple, so the command line can set it: --config.mesh.shape='(2,1,2,2)'.
     config.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1, 1)})
-    config.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
+    config.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES  # (logical name, mesh axes) pairs
     # jax.distributed: empty address / -1 counts mean auto-detect (TPU pods, SLURM, ...).
     config.distributed = dict(
         enabled=False, coordinator_address="", num_processes=-1, process_id=-1

@@ -61,7 +61,7 @@ def cambrian_config(arg: str | None, decoder: dict, video: bool) -> ml_collectio
     config.optim.learning_rate = 1e-3 if stage == 1 else 2e-5
     config.optim.warmup_steps = 150
     config.optim.weight_decay = 0.0
-    config.optim.lr_multipliers = [] if stage == 1 else [["vision/.*", 0.1]]
+    config.optim.lr_multipliers = () if stage == 1 else (("vision/.*", 0.1),)
     config.mesh.shape = [1, -1, 1, 1]  # FSDP over all devices
     config.checkpoint_every_steps = 500
     config.eval_every_steps = 1000

@@ -4,6 +4,8 @@ refused at start-up."""
 from __future__ import annotations
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import cambrian_4b_image, cambrian_7b_video, synthetic
 from gazejax.configuration import ConfigError, validate_config
@@ -43,3 +45,23 @@ def test_top_k_above_the_regions_of_every_training_sample_is_refused():
         "config.model.gaze.top_k=50 is more than the 36 regions a training sample holds "
         "(config.data.buckets.video.num_regions); K=36 already selects every region"
     )
+
+
+def test_sequence_keys_are_overridable_from_the_command_line():
+    """Parameter groups and sharding rules are set the way a user sets them: flags on the
+    command line (ml_collections refuses to override a list)."""
+    argv = [
+        "train",
+        f"--config={synthetic.__file__}:attention=gaze",
+        "--config.optim.trainable=('vision/.*', 'projector/.*')",
+        "--config.optim.lr_multipliers=(('vision/.*', 0.1), ('projector/.*', 2))",
+        "--config.logical_axis_rules=(('batch', ('data', 'fsdp')), ('heads', 'tensor'))",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    config = values.config
+    assert tuple(config.optim.trainable) == ("vision/.*", "projector/.*")
+    assert dict(config.optim.lr_multipliers) == {"vision/.*": 0.1, "projector/.*": 2}
+    assert config.logical_axis_rules[0] == ("batch", ("data", "fsdp"))
+    validate_config(config)
