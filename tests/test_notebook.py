@@ -61,9 +61,11 @@ def test_the_ablations_notebook_runs_end_to_end(tmp_path):
     k = {row["variant"]: row["top_k"]["0.22"] for row in table["rows"]}  # image tasks: one K
     assert k["region_1x1"] == 8 and k["region_3x3"] == 1
     for row in table["rows"]:
-        assert 0.0 <= row["dense"] <= 1.0 and row["num_examples"] == 7  # image tasks only
+        assert 0.0 <= row["dense"] <= 1.0 and row["num_examples"] == 7 * 3  # 3 answers each
+        assert row["later_turns"] is not None and row["stderr"] >= 0.0
+        assert set(row["errors"]) == {"dense", "0.22"}  # the plot's error bars
         config = json.loads((tmp_path / row["variant"] / "config.json").read_text())
-        assert config["total_steps"] == 2
+        assert config["total_steps"] == 2 and config["data"]["synthetic"]["turns"] == 3
     configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in names}
     assert configs["region_3x3"]["model"]["region_size"] == [3, 3, 1]
     assert configs["no_context"]["model"]["num_context_tokens"] == 0
